@@ -1,0 +1,454 @@
+"""Teacher updates for student-teacher learning: EMA, Spatial Ensemble (SE) and Spatial-Temporal
+Smoothing (STS) of Huang et al., NeurIPS 2021.
+
+After each optimizer step every *fragment* j of the teacher ξ is updated from the student θ:
+
+    ema:  ξ_j ← m·ξ_j + (1−m)·θ_j
+    se:   keep ξ_j with probability keep_prob, else ξ_j ← θ_j
+    sts:  keep ξ_j with probability keep_prob, else ξ_j ← m·ξ_j + (1−m)·θ_j
+
+A fragment is a whole tensor, an output channel (slice along dim 0; 1-D tensors per element) or a
+scalar, by `granularity`. Fragment j is kept when u_j < keep_prob, with u_j a Philox draw that depends
+only on (key, j) (`fastse.philox`): all DDP ranks hold the same teacher without communication, and a
+resumed run draws what the uninterrupted run would have.
+
+Use it in three ways: `smooth_` (a pure function over two lists of tensors), `Smoother` (a stateful
+helper with schedules, buffers, resume and stats), or the trainers in `fastse.methods`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fastse import philox
+
+Rule = Literal["ema", "se", "sts"]
+Granularity = Literal["tensor", "channel", "element"]
+BufferMode = Literal["keep", "copy", "ema"]
+RULES: tuple[str, ...] = ("ema", "se", "sts")
+GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "element")
+BUFFER_MODES: tuple[str, ...] = ("keep", "copy", "ema")
+KERNELS: tuple[str, ...] = ("auto", "triton", "torch")
+
+__all__ = [
+    "Smoother", "smooth_", "make_teacher", "cosine_momentum", "unwrap",
+    "RULES", "GRANULARITIES", "BUFFER_MODES",
+]
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DataParallel / `torch.compile` wrappers (any nesting)."""
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):  # torch.compile's OptimizedModule
+            module = module._orig_mod
+        else:
+            return module
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A full deep copy of `student` (unwrapped) with `requires_grad_(False)`: the initial teacher."""
+    teacher = copy.deepcopy(unwrap(student))
+    return teacher.requires_grad_(False)
+
+
+def cosine_momentum(step: int, total_steps: int, base: float = 0.99, final: float = 1.0) -> float:
+    """BYOL's schedule: final − (final − base)·(cos(π·k/K) + 1)/2; `base` at step 0, `final` at K."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    k = min(max(step, 0), total_steps)
+    return final - (final - base) * (math.cos(math.pi * k / total_steps) + 1) / 2
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name}={value!r} must be a number in [0, 1]")
+
+
+def _fragment_counts(t: Tensor, granularity: str) -> int:
+    if granularity == "tensor":
+        return 1
+    if granularity == "channel" and t.dim() >= 2:
+        return t.shape[0]
+    return t.numel()
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D view of a dense tensor in memory order (works for channels_last and other dense layouts)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+class _Plan:
+    """Fragment layout, (device, dtype) groups and kernel tables for two aligned lists of tensors."""
+
+    def __init__(self, teacher: Sequence[Tensor], student: Sequence[Tensor], granularity: str, kernel: str,
+                 names: Sequence[str] | None = None):
+        _check_choice("granularity", granularity, GRANULARITIES)
+        _check_choice("kernel", kernel, KERNELS)
+        teacher, student = list(teacher), list(student)
+        if len(teacher) != len(student):
+            raise ValueError(f"teacher has {len(teacher)} tensors but student has {len(student)}")
+        names = list(names) if names is not None else [f"tensor {i}" for i in range(len(teacher))]
+        for name, t, s in zip(names, teacher, student):
+            what = None
+            if t.shape != s.shape:
+                what = f"shape {tuple(t.shape)} vs {tuple(s.shape)}"
+            elif t.dtype != s.dtype:
+                what = f"dtype {t.dtype} vs {s.dtype}"
+            elif t.device != s.device:
+                what = f"device {t.device} vs {s.device}"
+            elif not t.dtype.is_floating_point:
+                what = f"dtype {t.dtype} is not floating point"
+            elif t.stride() != s.stride() or not (t.is_contiguous() or _is_dense(t)):
+                what = f"memory layout strides {t.stride()} vs {s.stride()} (convert both to one layout)"
+            elif granularity == "channel" and t.dim() >= 2 and t.stride(0) * t.shape[0] != t.numel():
+                what = f"stride {t.stride()}: channel granularity needs dim 0 outermost"
+            if what:
+                raise ValueError(f"teacher and student differ at {name}: {what}")
+        self.teacher, self.student, self.names = teacher, student, names
+        self._all = teacher + student
+        self.granularity = granularity
+        counts = [_fragment_counts(t, granularity) for t in teacher]
+        # element fragments start 8-aligned so a Philox counter never straddles two tensors
+        sizes = [-(-c // 8) * 8 for c in counts] if granularity == "element" else counts
+        self.frag_counts = counts
+        self.frag_bases = [0] * len(counts)
+        for i in range(1, len(counts)):
+            self.frag_bases[i] = self.frag_bases[i - 1] + sizes[i - 1]
+        self.n_frag = sum(counts)
+        self.n_frag_index = self.frag_bases[-1] + sizes[-1] if counts else 0
+        self.kernel = kernel
+        self._slot = 0
+        self._build()
+
+    def _build(self) -> None:
+        self._signature = self._current_signature()
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, t in enumerate(self.teacher):
+            groups.setdefault((t.device, t.dtype), []).append(i)
+        self.groups = []
+        for (device, dtype), idx in groups.items():
+            use_triton = self.kernel != "torch" and device.type == "cuda" and _triton_dtype(dtype) is not None
+            if use_triton and not _triton_available():
+                if self.kernel == "triton":
+                    raise RuntimeError("kernel='triton' needs the triton package (it ships with CUDA builds of torch)")
+                use_triton = False
+            if self.kernel == "triton" and not use_triton:
+                raise RuntimeError(f"kernel='triton' needs CUDA tensors of a float dtype, got {device} {dtype}")
+            group = _TritonGroup(self, idx, device, dtype) if use_triton else _TorchGroup(self, idx, device)
+            self.groups.append(group)
+        self.devices: dict[torch.device, dict[str, Tensor]] = {}
+        for g in self.groups:
+            if g.device not in self.devices:
+                self.devices[g.device] = {"count": torch.zeros(2, dtype=torch.int64, device=g.device)}
+                if isinstance(g, _TritonGroup) and self.granularity == "channel":
+                    self.devices[g.device]["update"] = torch.zeros(self.n_frag_index, dtype=torch.int8, device=g.device)
+        self._last_counts: list[Any] = []
+
+    def _current_signature(self) -> list[int]:
+        return list(map(Tensor.data_ptr, self._all))
+
+    @torch.no_grad()
+    def run(self, rule: str, key: int, keep_prob: float, weight: float) -> None:
+        """One update: `weight` = 1 − momentum, `key` = this step's 64-bit Philox key."""
+        if self._current_signature() != self._signature:  # a tensor was moved or re-allocated
+            self._build()
+        slot = self._slot
+        self._slot ^= 1
+        counts: list[Any] = []
+        masked = rule != "ema"
+        host_update: list[bool] | None = None
+        if masked and self.granularity == "tensor" and any(isinstance(g, _TorchGroup) for g in self.groups):
+            host_update = (philox.uniform(key, 0, self.n_frag) >= keep_prob).tolist()
+        if masked and self.granularity == "channel":  # one channel mask per device, from a pre-pass
+            from fastse import _smooth_triton as kt
+
+            for bufs in self.devices.values():
+                if "update" in bufs and self.granularity == "channel":
+                    grid = (triton_cdiv(self.n_frag_index, 8 * 512),)
+                    kt.fragment_mask_kernel[grid](bufs["update"], bufs["count"], self.n_frag_index, key,
+                                                  float(keep_prob), slot, BLOCK8=512)
+        for g in self.groups:
+            c = g.run(rule, key, keep_prob, weight, slot, host_update)
+            if c is not None:
+                counts.append(c)
+        triton_devices = {g.device for g in self.groups if isinstance(g, _TritonGroup)}
+        if masked and triton_devices:
+            if self.granularity != "channel":  # each device counted its own groups' fragments
+                counts += [self.devices[d]["count"][slot] for d in triton_devices]
+            else:  # each device's pre-pass counted every channel: one count is the answer
+                counts = [self.devices[next(iter(triton_devices))]["count"][slot]]
+        self._last_counts = counts if masked else [self.n_frag]
+
+    def updated_count(self) -> int:
+        """Fragments updated by the last `run` (synchronises with the device: call it only to log)."""
+        if not self._last_counts:
+            return 0
+        return int(sum(int(c) for c in self._last_counts))
+
+
+def _is_dense(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.is_contiguous()
+
+
+def _triton_dtype(dtype: torch.dtype):
+    if not _triton_available():
+        return None
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float64: tl.float64}.get(dtype)
+
+
+_TRITON: bool | None = None
+
+
+def _triton_available() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = torch.cuda.is_available()
+        except ImportError:
+            _TRITON = False
+    return _TRITON
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _TorchGroup:
+    """Multi-tensor torch ops (`torch._foreach_*` and masked `where`): CPU, or CUDA without Triton."""
+
+    def __init__(self, plan: _Plan, idx: list[int], device: torch.device):
+        self.plan, self.idx, self.device = plan, idx, device
+        self.t = [_flat(plan.teacher[i]) for i in idx]
+        self.s = [_flat(plan.student[i]) for i in idx]
+
+    def run(self, rule, key, keep_prob, weight, slot, host_update):
+        plan = self.plan
+        if rule == "ema":
+            torch._foreach_lerp_(self.t, self.s, weight)
+            return None
+        if plan.granularity == "tensor":
+            sel = [k for k, i in enumerate(self.idx) if host_update[i]]
+            ts, ss = [self.t[k] for k in sel], [self.s[k] for k in sel]
+            if ts:
+                if rule == "se":
+                    torch._foreach_copy_(ts, ss)
+                else:
+                    torch._foreach_lerp_(ts, ss, weight)
+            return len(sel)
+        u = philox.uniform(key, 0, plan.n_frag_index, self.device)
+        count = torch.zeros((), dtype=torch.int64, device=self.device)
+        for t, s, i in zip(self.t, self.s, self.idx):
+            base, n = plan.frag_bases[i], plan.frag_counts[i]
+            update = u[base : base + n] >= keep_prob
+            count += update.sum()
+            if n != t.numel():  # channel fragments: broadcast over each channel's elements
+                update = update.repeat_interleave(t.numel() // n)
+            new = s if rule == "se" else torch.lerp(t, s, weight)
+            t.copy_(torch.where(update, new, t))
+        return count
+
+
+class _TritonGroup:
+    """One fused Triton launch per step over all tensors of a (CUDA device, float dtype) group."""
+
+    def __init__(self, plan: _Plan, idx: list[int], device: torch.device, dtype: torch.dtype):
+        from fastse import _smooth_triton as kt
+
+        self.plan, self.idx, self.device, self.dtype = plan, idx, device, dtype
+        teacher = [plan.teacher[i] for i in idx]
+        student = [plan.student[i] for i in idx]
+        chunks, meta = [], []
+        for k, (i, t, st) in enumerate(zip(idx, teacher, student)):
+            n = t.numel()
+            chunks += [(k << kt.CHUNK_SHIFT) | start for start in range(0, n, kt.BLOCK)]
+            per_frag = n // plan.frag_counts[i] if plan.frag_counts[i] else 1
+            meta += [t.data_ptr(), st.data_ptr(), n, plan.frag_bases[i], per_frag]
+        self.meta = torch.tensor(meta, dtype=torch.int64, device=device)
+        self.chunks = torch.tensor(chunks, dtype=torch.int64, device=device)
+        self.n_chunks = len(chunks)
+        self.aligned = all(x.data_ptr() % 16 == 0 for x in teacher + student)
+        self.tl_dtype = _triton_dtype(dtype)
+        self.kt = kt
+
+    def run(self, rule, key, keep_prob, weight, slot, host_update):
+        kt, plan = self.kt, self.plan
+        if self.n_chunks == 0:
+            return None
+        bufs = plan.devices[self.device]
+        update = bufs.get("update", bufs["count"])  # read only at channel granularity
+        kt.smooth_kernel[(self.n_chunks,)](
+            self.meta, self.chunks, update, bufs["count"], key, float(keep_prob), float(weight), slot,
+            RULE=_RULE_IDS[rule], GRAN=_GRAN_IDS[plan.granularity], DTYPE=self.tl_dtype, BLOCK=kt.BLOCK,
+            ALIGNED=self.aligned, num_warps=8,
+        )
+        return None
+
+
+_RULE_IDS = {"ema": 0, "se": 1, "sts": 2}
+_GRAN_IDS = {"tensor": 0, "channel": 1, "element": 2}
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+@torch.no_grad()
+def smooth_(
+    teacher_params: Iterable[Tensor],
+    student_params: Iterable[Tensor],
+    *,
+    rule: Rule = "sts",
+    keep_prob: float = 0.7,
+    momentum: float = 0.99,
+    granularity: Granularity = "tensor",
+    generator: torch.Generator | int | None = None,
+    kernel: str = "auto",
+) -> None:
+    """Update `teacher_params` in place from `student_params` (two aligned sequences of tensors).
+
+    `keep_prob` is the probability of keeping each teacher fragment (ignored by rule 'ema');
+    `momentum` m weights the teacher in the moving average. `generator` gives this call's mask key:
+    an int key, or a CPU `torch.Generator` (one 63-bit draw on the host, so no device sync);
+    None draws from torch's default CPU generator.
+    """
+    _check_choice("rule", rule, RULES)
+    _check_prob("keep_prob", keep_prob)
+    _check_prob("momentum", momentum)
+    teacher_params, student_params = list(teacher_params), list(student_params)
+    if isinstance(generator, int):
+        key = generator & 0xFFFFFFFFFFFFFFFF
+    else:
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError("generator must be a CPU torch.Generator (the mask key is drawn on the host)")
+        key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
+    sig = (granularity, kernel, tuple(t.data_ptr() for t in teacher_params),
+           tuple(s.data_ptr() for s in student_params), tuple(t.shape for t in teacher_params))
+    plan = _PLANS.get(sig)
+    if plan is None:
+        plan = _Plan(teacher_params, student_params, granularity, kernel)
+        if len(_PLANS) >= 8:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[sig] = plan
+    plan.run(rule, key, keep_prob, 1.0 - momentum)
+
+
+def _pairs(teacher: Iterable[tuple[str, Tensor]], student: Iterable[tuple[str, Tensor]], kind: str):
+    teacher, student = list(teacher), list(student)
+    for (tn, _), (sn, _) in zip(teacher, student):
+        if tn != sn:
+            raise ValueError(f"teacher and student differ: {kind} {tn!r} vs {sn!r}")
+    if len(teacher) != len(student):
+        longer, extra = ("teacher", teacher) if len(teacher) > len(student) else ("student", student)
+        raise ValueError(f"teacher and student differ: only the {longer} has {kind} {extra[min(len(teacher), len(student))][0]!r}")
+    return [n for n, _ in teacher], [t for _, t in teacher], [s for _, s in student]
+
+
+class Smoother:
+    """Keeps a teacher smoothed from a student, one `.step()` after each optimizer step.
+
+    rule: 'ema' | 'se' | 'sts'; keep_prob: P(keep a teacher fragment); momentum: m of the moving
+    average (override per step for schedules: `.step(cosine_momentum(k, K))`); granularity: 'tensor'
+    | 'channel' | 'element'; buffers: 'keep' (teacher's own, e.g. BN running stats from its forwards),
+    'copy' (from the student) or 'ema' (float buffers averaged with m, integer buffers copied); seed:
+    with the step count, fixes every mask. DDP / compiled modules are unwrapped. No host-device sync.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        *,
+        rule: Rule = "sts",
+        keep_prob: float = 0.7,
+        momentum: float = 0.99,
+        granularity: Granularity = "tensor",
+        buffers: BufferMode = "keep",
+        seed: int = 0,
+        kernel: str = "auto",
+    ):
+        _check_choice("rule", rule, RULES)
+        _check_choice("buffers", buffers, BUFFER_MODES)
+        _check_prob("keep_prob", keep_prob)
+        _check_prob("momentum", momentum)
+        self.rule, self.keep_prob, self.momentum = rule, float(keep_prob), float(momentum)
+        self.granularity, self.buffers, self.seed, self.kernel = granularity, buffers, int(seed), kernel
+        self.student, self.teacher = unwrap(student), unwrap(teacher)
+        names, t, s = _pairs(self.teacher.named_parameters(), self.student.named_parameters(), "parameter")
+        self._plan = _Plan(t, s, granularity, kernel, names)
+        self._buffer_pairs: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] = ([], [], [], [])
+        if buffers != "keep":
+            bnames, tb, sb = _pairs(self.teacher.named_buffers(), self.student.named_buffers(), "buffer")
+            for name, a, b in zip(bnames, tb, sb):
+                if a.shape != b.shape or a.dtype != b.dtype:
+                    raise ValueError(f"teacher and student differ at buffer {name}: "
+                                     f"{tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}")
+            floats = [(a, b) for a, b in zip(tb, sb) if a.dtype.is_floating_point]
+            others = [(a, b) for a, b in zip(tb, sb) if not a.dtype.is_floating_point]
+            self._buffer_pairs = ([a for a, _ in floats], [b for _, b in floats],
+                                  [a for a, _ in others], [b for _, b in others])
+        self.steps = 0
+        self._last_momentum: float | None = None
+
+    @torch.no_grad()
+    def step(self, momentum: float | None = None) -> None:
+        """One teacher update; `momentum` overrides the constructor's for this step only."""
+        m = self.momentum if momentum is None else float(momentum)
+        self._plan.run(self.rule, philox.step_key(self.seed, self.steps), self.keep_prob, 1.0 - m)
+        tf, sf, ti, si = self._buffer_pairs
+        if self.buffers == "copy":
+            if tf:
+                torch._foreach_copy_(tf, sf)
+        elif self.buffers == "ema" and tf:
+            torch._foreach_lerp_(tf, sf, 1.0 - m)
+        if ti:
+            torch._foreach_copy_(ti, si)
+        self.steps += 1
+        self._last_momentum = m
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically (the tensors live in the teacher's own state)."""
+        return {"steps": self.steps, "seed": self.seed, "rule": self.rule, "keep_prob": self.keep_prob,
+                "momentum": self.momentum, "granularity": self.granularity, "buffers": self.buffers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("granularity", self.granularity) != self.granularity:
+            raise ValueError(f"checkpoint smoother granularity {state['granularity']!r} != {self.granularity!r}")
+        if state.get("buffers", self.buffers) != self.buffers:
+            raise ValueError(f"checkpoint smoother buffers {state['buffers']!r} != {self.buffers!r}")
+        self.steps, self.seed = int(state["steps"]), int(state["seed"])
+        self.rule, self.keep_prob = state.get("rule", self.rule), float(state.get("keep_prob", self.keep_prob))
+        self.momentum = float(state.get("momentum", self.momentum))
+
+    @torch.no_grad()
+    def stats(self, distance: bool = False) -> dict[str, float]:
+        """`updated_fraction`: fragments updated by the last step; with distance=True also
+        `distance`: ‖ξ − θ‖ / ‖θ‖ over all parameters. Reads device values (a sync): call it to log."""
+        out: dict[str, float] = {"steps": float(self.steps)}
+        if self.steps:
+            out["updated_fraction"] = self._plan.updated_count() / max(self._plan.n_frag, 1)
+            out["momentum"] = float(self._last_momentum)
+        if distance:
+            t, s = self._plan.teacher, self._plan.student
+            num = sum(float(n) ** 2 for n in torch._foreach_norm(torch._foreach_sub(s, t)))
+            den = sum(float(n) ** 2 for n in torch._foreach_norm(s))
+            out["distance"] = math.sqrt(num / max(den, 1e-24))
+        return out
