@@ -123,14 +123,11 @@ class _Plan:
         self._all = teacher + student
         self.granularity = granularity
         counts = [_fragment_counts(t, granularity) for t in teacher]
-        # element fragments start 8-aligned so a Philox counter never straddles two tensors
-        sizes = [-(-c // 8) * 8 for c in counts] if granularity == "element" else counts
         self.frag_counts = counts
         self.frag_bases = [0] * len(counts)
         for i in range(1, len(counts)):
-            self.frag_bases[i] = self.frag_bases[i - 1] + sizes[i - 1]
+            self.frag_bases[i] = self.frag_bases[i - 1] + counts[i - 1]
         self.n_frag = sum(counts)
-        self.n_frag_index = self.frag_bases[-1] + sizes[-1] if counts else 0
         self.kernel = kernel
         self._slot = 0
         self._build()
@@ -155,8 +152,11 @@ class _Plan:
         for g in self.groups:
             if g.device not in self.devices:
                 self.devices[g.device] = {"count": torch.zeros(2, dtype=torch.int64, device=g.device)}
-                if isinstance(g, _TritonGroup) and self.granularity == "channel":
-                    self.devices[g.device]["update"] = torch.zeros(self.n_frag_index, dtype=torch.int8, device=g.device)
+                if isinstance(g, _TritonGroup) and self.granularity == "channel":  # a flag per channel
+                    self.devices[g.device]["update"] = torch.zeros(self.n_frag, dtype=torch.int8, device=g.device)
+                elif isinstance(g, _TritonGroup) and self.granularity == "element":  # a bit per element
+                    self.devices[g.device]["update"] = torch.zeros(-(-self.n_frag // 8), dtype=torch.uint8,
+                                                                   device=g.device)
         self._last_counts: list[Any] = []
 
     def _current_signature(self) -> list[int]:
@@ -174,23 +174,28 @@ class _Plan:
         host_update: list[bool] | None = None
         if masked and self.granularity == "tensor" and any(isinstance(g, _TorchGroup) for g in self.groups):
             host_update = (philox.uniform(key, 0, self.n_frag) >= keep_prob).tolist()
-        if masked and self.granularity == "channel":  # one channel mask per device, from a pre-pass
+        if masked and self.granularity != "tensor":  # one fragment mask per device, from a pre-pass
             from fastse import _smooth_triton as kt
 
             for bufs in self.devices.values():
-                if "update" in bufs and self.granularity == "channel":
-                    grid = (triton_cdiv(self.n_frag_index, 8 * 512),)
-                    kt.fragment_mask_kernel[grid](bufs["update"], bufs["count"], self.n_frag_index, key,
+                if "update" not in bufs:
+                    continue
+                if self.granularity == "channel":
+                    grid = (triton_cdiv(self.n_frag, 8 * 512),)
+                    kt.fragment_mask_kernel[grid](bufs["update"], bufs["count"], self.n_frag, key,
                                                   float(keep_prob), slot, BLOCK8=512)
+                else:
+                    kt.element_mask_kernel[(triton_cdiv(self.n_frag, 8 * 1024),)](
+                        bufs["update"], bufs["count"], self.n_frag, key, float(keep_prob), slot, BLOCK=1024)
         for g in self.groups:
             c = g.run(rule, key, keep_prob, weight, slot, host_update)
             if c is not None:
                 counts.append(c)
         triton_devices = {g.device for g in self.groups if isinstance(g, _TritonGroup)}
         if masked and triton_devices:
-            if self.granularity != "channel":  # each device counted its own groups' fragments
+            if self.granularity == "tensor":  # each device counted its own groups' tensors
                 counts += [self.devices[d]["count"][slot] for d in triton_devices]
-            else:  # each device's pre-pass counted every channel: one count is the answer
+            else:  # each device's pre-pass counted every fragment: one count is the answer
                 counts = [self.devices[next(iter(triton_devices))]["count"][slot]]
         self._last_counts = counts if masked else [self.n_frag]
 
@@ -255,7 +260,7 @@ class _TorchGroup:
                 else:
                     torch._foreach_lerp_(ts, ss, weight)
             return len(sel)
-        u = philox.uniform(key, 0, plan.n_frag_index, self.device)
+        u = philox.uniform(key, 0, plan.n_frag, self.device)
         count = torch.zeros((), dtype=torch.int64, device=self.device)
         for t, s, i in zip(self.t, self.s, self.idx):
             base, n = plan.frag_bases[i], plan.frag_counts[i]
@@ -280,7 +285,7 @@ class _TritonGroup:
         chunks, meta = [], []
         for k, (i, t, st) in enumerate(zip(idx, teacher, student)):
             n = t.numel()
-            chunks += [(k << kt.CHUNK_SHIFT) | start for start in range(0, n, kt.BLOCK)]
+            chunks += [(k << kt.CHUNK_SHIFT) | start for start in range(0, n, kt.BLOCK * kt.GROUP)]
             per_frag = n // plan.frag_counts[i] if plan.frag_counts[i] else 1
             meta += [t.data_ptr(), st.data_ptr(), n, plan.frag_bases[i], per_frag]
         self.meta = torch.tensor(meta, dtype=torch.int64, device=device)
@@ -295,11 +300,11 @@ class _TritonGroup:
         if self.n_chunks == 0:
             return None
         bufs = plan.devices[self.device]
-        update = bufs.get("update", bufs["count"])  # read only at channel granularity
+        update = bufs.get("update", bufs["count"])  # read only at channel and element granularity
         kt.smooth_kernel[(self.n_chunks,)](
             self.meta, self.chunks, update, bufs["count"], key, float(keep_prob), float(weight), slot,
             RULE=_RULE_IDS[rule], GRAN=_GRAN_IDS[plan.granularity], DTYPE=self.tl_dtype, BLOCK=kt.BLOCK,
-            ALIGNED=self.aligned, num_warps=8,
+            GROUP=kt.GROUP, ALIGNED=self.aligned, num_warps=kt.WARPS,
         )
         return None
 
