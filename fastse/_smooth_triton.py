@@ -91,9 +91,9 @@ def smooth_kernel(
 ):
     """One program = GROUP x BLOCK elements of one tensor. weight = 1 - momentum (the lerp weight).
 
-    Elements are handled as [BLOCK / 8, 8] tiles: row r holds the 8 fragments of one Philox counter. Kept tensors and channels are not read or
-    written; kept elements are rewritten with their old value (a full store beats a partial one).
-    Channel and element masks come from a pre-pass (`fragment_mask_kernel`, `element_mask_kernel`)."""
+    Elements are handled as [BLOCK / 8, 8] tiles. Kept tensors and channels are not read or written;
+    kept elements are rewritten with their old value (a full store beats a partial one). Channel and
+    element masks come from a pre-pass (`fragment_mask_kernel`, `element_mask_kernel`)."""
     pid = tl.program_id(0)
     if RULE != 0 and pid == 0:
         tl.store(count_ptr + 1 - slot, 0)

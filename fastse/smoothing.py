@@ -363,7 +363,8 @@ def _pairs(teacher: Iterable[tuple[str, Tensor]], student: Iterable[tuple[str, T
             raise ValueError(f"teacher and student differ: {kind} {tn!r} vs {sn!r}")
     if len(teacher) != len(student):
         longer, extra = ("teacher", teacher) if len(teacher) > len(student) else ("student", student)
-        raise ValueError(f"teacher and student differ: only the {longer} has {kind} {extra[min(len(teacher), len(student))][0]!r}")
+        name = extra[min(len(teacher), len(student))][0]
+        raise ValueError(f"teacher and student differ: only the {longer} has {kind} {name!r}")
     return [n for n, _ in teacher], [t for _, t in teacher], [s for _, s in student]
 
 
