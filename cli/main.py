@@ -1,0 +1,40 @@
+"""The `fastse` command line: a thin layer over the library."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """fastse: fast, faithful student-teacher learning (EMA / Spatial Ensemble / STS teachers)."""
+
+
+@main.group()
+def data() -> None:
+    """Inspect and prepare data sets."""
+
+
+@data.command("check")
+@click.argument("path")
+@click.option("--split", default=None, help="Check PATH/SPLIT (e.g. train) instead of PATH.")
+@click.option("--deep", is_flag=True, help="Decode every image (slow) instead of reading headers and end markers.")
+def data_check(path: str, split: str | None, deep: bool) -> None:
+    """Validate a class-folder tree (or an archive of one, or cifar10/cifar100) and say what it holds."""
+    from fastse.pipelines.datasets import DataError, resolve_data, scan_image_folder
+
+    try:
+        root = resolve_data(path)
+        splits = [split] if split else [s for s in ("train", "val", "test") if (root / s).is_dir()] or [None]
+        for name in splits:
+            index = scan_image_folder(root, split=name, deep=deep)
+            click.echo(f"{name or '.'}: {index.summary()}")
+    except DataError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
