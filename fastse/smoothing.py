@@ -124,12 +124,14 @@ class _Plan:
         self.granularity = granularity
         counts = [_fragment_counts(t, granularity) for t in teacher]
         self.frag_counts = counts
+        # element fragments of each tensor start 8-aligned, so one Philox counter serves 8 of its elements
+        spans = [-(-c // 8) * 8 for c in counts] if granularity == "element" else counts
         self.frag_bases = [0] * len(counts)
         for i in range(1, len(counts)):
-            self.frag_bases[i] = self.frag_bases[i - 1] + counts[i - 1]
+            self.frag_bases[i] = self.frag_bases[i - 1] + spans[i - 1]
         self.n_frag = sum(counts)
+        self.n_index = self.frag_bases[-1] + spans[-1] if counts else 0  # fragment indices in use
         self.kernel = kernel
-        self._slot = 0
         self._build()
 
     def _build(self) -> None:
@@ -148,15 +150,14 @@ class _Plan:
                 raise RuntimeError(f"kernel='triton' needs CUDA tensors of a float dtype, got {device} {dtype}")
             group = _TritonGroup(self, idx, device, dtype) if use_triton else _TorchGroup(self, idx, device)
             self.groups.append(group)
-        self.devices: dict[torch.device, dict[str, Tensor]] = {}
-        for g in self.groups:
-            if g.device not in self.devices:
-                self.devices[g.device] = {"count": torch.zeros(2, dtype=torch.int64, device=g.device)}
-                if isinstance(g, _TritonGroup) and self.granularity == "channel":  # a flag per channel
-                    self.devices[g.device]["update"] = torch.zeros(self.n_frag, dtype=torch.int8, device=g.device)
-                elif isinstance(g, _TritonGroup) and self.granularity == "element":  # a bit per element
-                    self.devices[g.device]["update"] = torch.zeros(-(-self.n_frag // 8), dtype=torch.uint8,
-                                                                   device=g.device)
+        # channel masks: one flag per channel and one partial count per pre-pass program, per device
+        self.channel_masks: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        if self.granularity == "channel":
+            for g in self.groups:
+                if isinstance(g, _TritonGroup) and g.device not in self.channel_masks:
+                    programs = triton_cdiv(self.n_frag, 8 * _CHANNEL_BLOCK8)
+                    self.channel_masks[g.device] = (torch.zeros(self.n_frag, dtype=torch.int8, device=g.device),
+                                                    torch.zeros(programs, dtype=torch.int32, device=g.device))
         self._last_counts: list[Any] = []
 
     def _current_signature(self) -> list[int]:
@@ -167,43 +168,26 @@ class _Plan:
         """One update: `weight` = 1 − momentum, `key` = this step's 64-bit Philox key."""
         if self._current_signature() != self._signature:  # a tensor was moved or re-allocated
             self._build()
-        slot = self._slot
-        self._slot ^= 1
-        counts: list[Any] = []
         masked = rule != "ema"
-        host_update: list[bool] | None = None
+        host_update = None
         if masked and self.granularity == "tensor" and any(isinstance(g, _TorchGroup) for g in self.groups):
             host_update = (philox.uniform(key, 0, self.n_frag) >= keep_prob).tolist()
-        if masked and self.granularity != "tensor":  # one fragment mask per device, from a pre-pass
+        if masked and self.channel_masks:
             from fastse import _smooth_triton as kt
 
-            for bufs in self.devices.values():
-                if "update" not in bufs:
-                    continue
-                if self.granularity == "channel":
-                    grid = (triton_cdiv(self.n_frag, 8 * 512),)
-                    kt.fragment_mask_kernel[grid](bufs["update"], bufs["count"], self.n_frag, key,
-                                                  float(keep_prob), slot, BLOCK8=512)
-                else:
-                    kt.element_mask_kernel[(triton_cdiv(self.n_frag, 8 * 1024),)](
-                        bufs["update"], bufs["count"], self.n_frag, key, float(keep_prob), slot, BLOCK=1024)
-        for g in self.groups:
-            c = g.run(rule, key, keep_prob, weight, slot, host_update)
-            if c is not None:
-                counts.append(c)
-        triton_devices = {g.device for g in self.groups if isinstance(g, _TritonGroup)}
-        if masked and triton_devices:
-            if self.granularity == "tensor":  # each device counted its own groups' tensors
-                counts += [self.devices[d]["count"][slot] for d in triton_devices]
-            else:  # each device's pre-pass counted every fragment: one count is the answer
-                counts = [self.devices[next(iter(triton_devices))]["count"][slot]]
+            for update, partial in self.channel_masks.values():
+                kt.channel_mask_kernel[(partial.numel(),)](update, partial, self.n_frag, key, float(keep_prob),
+                                                           BLOCK8=_CHANNEL_BLOCK8)
+        counts = [g.run(rule, key, keep_prob, weight, host_update) for g in self.groups]
+        if masked and self.channel_masks:  # every device's pre-pass counted every channel: one is the answer
+            counts = [next(iter(self.channel_masks.values()))[1]]
         self._last_counts = counts if masked else [self.n_frag]
 
     def updated_count(self) -> int:
         """Fragments updated by the last `run` (synchronises with the device: call it only to log)."""
         if not self._last_counts:
             return 0
-        return int(sum(int(c) for c in self._last_counts))
+        return int(sum(int(c.sum()) if isinstance(c, Tensor) else int(c) for c in self._last_counts))
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -246,7 +230,7 @@ class _TorchGroup:
         self.t = [_flat(plan.teacher[i]) for i in idx]
         self.s = [_flat(plan.student[i]) for i in idx]
 
-    def run(self, rule, key, keep_prob, weight, slot, host_update):
+    def run(self, rule, key, keep_prob, weight, host_update):
         plan = self.plan
         if rule == "ema":
             torch._foreach_lerp_(self.t, self.s, weight)
@@ -260,7 +244,7 @@ class _TorchGroup:
                 else:
                     torch._foreach_lerp_(ts, ss, weight)
             return len(sel)
-        u = philox.uniform(key, 0, plan.n_frag, self.device)
+        u = philox.uniform(key, 0, plan.n_index, self.device)
         count = torch.zeros((), dtype=torch.int64, device=self.device)
         for t, s, i in zip(self.t, self.s, self.idx):
             base, n = plan.frag_bases[i], plan.frag_counts[i]
@@ -282,34 +266,51 @@ class _TritonGroup:
         self.plan, self.idx, self.device, self.dtype = plan, idx, device, dtype
         teacher = [plan.teacher[i] for i in idx]
         student = [plan.student[i] for i in idx]
-        chunks, meta = [], []
-        for k, (i, t, st) in enumerate(zip(idx, teacher, student)):
+        self.block, self.warps = kt.LAUNCH[plan.granularity]
+        rows = []  # one row per program: teacher ptr, student ptr, numel, first fragment, offset, per fragment
+        for i, t, st in zip(idx, teacher, student):
             n = t.numel()
-            chunks += [(k << kt.CHUNK_SHIFT) | start for start in range(0, n, kt.BLOCK * kt.GROUP)]
             per_frag = n // plan.frag_counts[i] if plan.frag_counts[i] else 1
-            meta += [t.data_ptr(), st.data_ptr(), n, plan.frag_bases[i], per_frag]
-        self.meta = torch.tensor(meta, dtype=torch.int64, device=device)
-        self.chunks = torch.tensor(chunks, dtype=torch.int64, device=device)
-        self.n_chunks = len(chunks)
+            rows += [(t.data_ptr(), st.data_ptr(), n, plan.frag_bases[i], start, per_frag)
+                     for start in range(0, n, self.block)]
+        self.chunks = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 6)
+        self.n_chunks = len(rows)
+        self.partial = torch.zeros(self.n_chunks, dtype=torch.int32, device=device)  # updated per program
         self.aligned = all(x.data_ptr() % 16 == 0 for x in teacher + student)
         self.tl_dtype = _triton_dtype(dtype)
         self.kt = kt
 
-    def run(self, rule, key, keep_prob, weight, slot, host_update):
+    def run(self, rule, key, keep_prob, weight, host_update, count_only=False):
         kt, plan = self.kt, self.plan
         if self.n_chunks == 0:
             return None
-        bufs = plan.devices[self.device]
-        update = bufs.get("update", bufs["count"])  # read only at channel and element granularity
+        masks = plan.channel_masks.get(self.device)
+        update = masks[0] if masks else self.partial  # the flag table is read only at channel granularity
         kt.smooth_kernel[(self.n_chunks,)](
-            self.meta, self.chunks, update, bufs["count"], key, float(keep_prob), float(weight), slot,
-            RULE=_RULE_IDS[rule], GRAN=_GRAN_IDS[plan.granularity], DTYPE=self.tl_dtype, BLOCK=kt.BLOCK,
-            GROUP=kt.GROUP, ALIGNED=self.aligned, num_warps=kt.WARPS,
+            self.chunks, update, self.partial, key, float(keep_prob), float(weight),
+            RULE=_RULE_IDS[rule], GRAN=_GRAN_IDS[plan.granularity], DTYPE=self.tl_dtype, BLOCK=self.block,
+            ALIGNED=self.aligned, COUNT_ONLY=count_only, num_warps=self.warps,
         )
+        if plan.granularity == "tensor":
+            return self.partial
+        if plan.granularity == "element":  # counted on demand: see _Plan.updated_count
+            return _Deferred(self, (rule, key, keep_prob, weight, host_update))
         return None
 
 
+class _Deferred:
+    """An element-granularity count, computed only when asked (a draw-only pass, no data traffic)."""
+
+    def __init__(self, group: _TritonGroup, args: tuple):
+        self.group, self.args = group, args
+
+    def __int__(self) -> int:
+        self.group.run(*self.args, count_only=True)
+        return int(self.group.partial.sum())
+
+
 _RULE_IDS = {"ema": 0, "se": 1, "sts": 2}
+_CHANNEL_BLOCK8 = 512  # Philox counters (8 channels each) per program of the channel pre-pass
 _GRAN_IDS = {"tensor": 0, "channel": 1, "element": 2}
 
 
