@@ -1,7 +1,6 @@
 """The `fastse` command line."""
 
 from click.testing import CliRunner
-
 from fastse.cli.main import main
 
 

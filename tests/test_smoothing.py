@@ -83,7 +83,8 @@ def test_keep_prob_extremes(rule, granularity):
         assert torch.equal(a, expected)
 
 
-@pytest.mark.parametrize("granularity,steps,tol", [("tensor", 600, 0.02), ("channel", 100, 0.01), ("element", 20, 0.005)])
+@pytest.mark.parametrize("granularity,steps,tol",
+                         [("tensor", 600, 0.02), ("channel", 100, 0.01), ("element", 20, 0.005)])
 def test_update_fraction_matches_one_minus_keep_prob(granularity, steps, tol):
     student = net()
     sm = Smoother(student, make_teacher(student), rule="sts", keep_prob=0.7, granularity=granularity, seed=1)

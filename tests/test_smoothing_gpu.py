@@ -28,8 +28,9 @@ def test_triton_matches_torch_bitwise(dtype, rule, granularity):
         for x, y in zip(a.parameters(), b.parameters()):
             x.normal_()
             y.copy_(x)
-    fast = Smoother(student, a, rule=rule, keep_prob=0.6, momentum=0.9, granularity=granularity, seed=3, kernel="triton")
-    ref = Smoother(student, b, rule=rule, keep_prob=0.6, momentum=0.9, granularity=granularity, seed=3, kernel="torch")
+    kw = dict(rule=rule, keep_prob=0.6, momentum=0.9, granularity=granularity, seed=3)
+    fast = Smoother(student, a, kernel="triton", **kw)
+    ref = Smoother(student, b, kernel="torch", **kw)
     for _ in range(3):
         fast.step()
         ref.step()
