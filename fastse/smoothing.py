@@ -151,16 +151,13 @@ class _Plan:
             group = _TritonGroup(self, idx, device, dtype) if use_triton else _TorchGroup(self, idx, device)
             self.groups.append(group)
         # channel masks: one flag per channel and one partial count per pre-pass program, per device
-        self.channel_masks: dict[torch.device, tuple[Tensor, Tensor, Any]] = {}
+        self.channel_masks: dict[torch.device, tuple[Tensor, Tensor]] = {}
         if self.granularity == "channel":
             for g in self.groups:
                 if isinstance(g, _TritonGroup) and g.device not in self.channel_masks:
                     programs = triton_cdiv(self.n_frag, 8 * _CHANNEL_BLOCK8)
-                    from fastse import _smooth_triton as kt
-
                     self.channel_masks[g.device] = (torch.zeros(self.n_frag, dtype=torch.int8, device=g.device),
-                                                    torch.zeros(programs, dtype=torch.int32, device=g.device),
-                                                    kt.Launcher(kt.channel_mask_kernel))
+                                                    torch.zeros(programs, dtype=torch.int32, device=g.device))
         self._last_counts: list[Any] = []
 
     def _current_signature(self) -> list[int]:
@@ -176,10 +173,11 @@ class _Plan:
         if masked and self.granularity == "tensor" and any(isinstance(g, _TorchGroup) for g in self.groups):
             host_update = (philox.uniform(key, 0, self.n_frag) >= keep_prob).tolist()
         if masked and self.channel_masks:
-            for device, (update, partial, launch) in self.channel_masks.items():
-                launch(partial.numel(), 4, torch.cuda.current_stream(device).cuda_stream, update_ptr=update,
-                       partial_ptr=partial, n_frag=self.n_frag, key=key, keep_prob=float(keep_prob),
-                       BLOCK8=_CHANNEL_BLOCK8)
+            from fastse import _smooth_triton as kt
+
+            for update, partial in self.channel_masks.values():
+                kt.channel_mask_kernel[(partial.numel(),)](update, partial, self.n_frag, key, float(keep_prob),
+                                                           BLOCK8=_CHANNEL_BLOCK8)
         counts = [g.run(rule, key, keep_prob, weight, host_update) for g in self.groups]
         if masked and self.channel_masks:  # every device's pre-pass counted every channel: one is the answer
             counts = [next(iter(self.channel_masks.values()))[1]]
@@ -280,7 +278,7 @@ class _TritonGroup:
         self.partial = torch.zeros(self.n_chunks, dtype=torch.int32, device=device)  # updated per program
         self.aligned = all(x.data_ptr() % 16 == 0 for x in teacher + student)
         self.tl_dtype = _triton_dtype(dtype)
-        self.launch = kt.Launcher(kt.smooth_kernel)
+        self.kt = kt
 
     def run(self, rule, key, keep_prob, weight, host_update, count_only=False):
         plan = self.plan
@@ -288,12 +286,10 @@ class _TritonGroup:
             return None
         masks = plan.channel_masks.get(self.device)
         update = masks[0] if masks else self.partial  # the flag table is read only at channel granularity
-        self.launch(
-            self.n_chunks, self.warps, torch.cuda.current_stream(self.device).cuda_stream,
-            chunk_ptr=self.chunks, update_ptr=update, partial_ptr=self.partial, key=key,
-            keep_prob=float(keep_prob), weight=float(weight), RULE=_RULE_IDS[rule],
-            GRAN=_GRAN_IDS[plan.granularity], DTYPE=self.tl_dtype, BLOCK=self.block, ALIGNED=self.aligned,
-            COUNT_ONLY=count_only,
+        self.kt.smooth_kernel[(self.n_chunks,)](
+            self.chunks, update, self.partial, key, float(keep_prob), float(weight),
+            RULE=_RULE_IDS[rule], GRAN=_GRAN_IDS[plan.granularity], DTYPE=self.tl_dtype, BLOCK=self.block,
+            ALIGNED=self.aligned, COUNT_ONLY=count_only, num_warps=self.warps,
         )
         if plan.granularity == "tensor":
             return self.partial
