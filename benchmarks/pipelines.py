@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -221,8 +222,10 @@ def main() -> None:
                   file=sys.stderr)
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"\nInput pipelines on {gpu} ({args.dtype}, channels_last={args.channels_last}); img/s = source "
-          f"images per second (two views each where views = 2)")
+    commit = os.environ.get("FASTSE_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip() or "?"
+    print(f"\nInput pipelines on {gpu}, {date.today()}, commit {commit} ({args.dtype}, "
+          f"channels_last={args.channels_last}); img/s = source images per second (two views each where views = 2)")
     if mean_kb is not None:
         print(f"dali224 reads {len(large)} JPEGs of 400x350 px, mean {mean_kb:.1f} KB")
     print("\n| backend | px | recipe | views | batch | img/s | first batch s |\n|---|---|---|---|---|---|---|")
@@ -231,7 +234,7 @@ def main() -> None:
               f"| {r['first_s']:.2f} |")
     if args.json:
         dali = sys.modules.get("nvidia.dali")
-        setup = {"date": date.today().isoformat(), "device": gpu, "torch": torch.__version__,
+        setup = {"date": date.today().isoformat(), "device": gpu, "commit": commit, "torch": torch.__version__,
                  "dali": getattr(dali, "__version__", None), "jpeg_224_mean_kb": mean_kb,
                  "args": {k: str(v) for k, v in vars(args).items()}}
         args.json.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))

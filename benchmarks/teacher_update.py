@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -110,7 +111,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = False
     bw = copy_bandwidth()
     gpu_name = torch.cuda.get_device_name()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("FASTSE_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# teacher update, {date.today()}, {gpu_name}, commit {commit or '?'}, torch {torch.__version__}")
     print(f"# copy bandwidth {bw / 1e12:.2f} TB/s (read + write); keep_prob {args.keep_prob}, momentum {args.momentum}")
     rows = []
