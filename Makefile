@@ -25,5 +25,6 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check fastse pipelines cli tests benchmarks
 
-bench: setup
+bench: setup  # needs a CUDA GPU; results go in docs/BENCHMARKS.md
 	$(PY) benchmarks/teacher_update.py
+	$(PY) benchmarks/pipelines.py --decode both
