@@ -155,7 +155,7 @@ class _Plan:
         if self.granularity == "channel":
             for g in self.groups:
                 if isinstance(g, _TritonGroup) and g.device not in self.channel_masks:
-                    programs = triton_cdiv(self.n_frag, 8 * _CHANNEL_BLOCK8)
+                    programs = _cdiv(self.n_frag, 8 * _CHANNEL_BLOCK8)
                     self.channel_masks[g.device] = (torch.zeros(self.n_frag, dtype=torch.int8, device=g.device),
                                                     torch.zeros(programs, dtype=torch.int32, device=g.device))
         self._last_counts: list[Any] = []
@@ -218,7 +218,7 @@ def _triton_available() -> bool:
     return _TRITON
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
