@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+from fastse.cli.pretrain import pretrain
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,6 +36,8 @@ def data_check(path: str, split: str | None, deep: bool) -> None:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
 
+
+main.add_command(pretrain)
 
 if __name__ == "__main__":
     main()

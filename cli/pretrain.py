@@ -1,0 +1,101 @@
+"""`fastse pretrain`: BYOL / MoCo v2 with an EMA, SE or STS teacher; a thin layer over `PretrainConfig`.
+
+Settings come from the preset (if any), then from the flags given. Under torchrun every process
+runs this command with the same flags.
+"""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+# the same lists as fastse.config (kept literal so `fastse --help` does not import torch; a test checks them)
+PRESET_NAMES = ("byol-cifar10", "mocov2-cifar10", "byol-imagenet", "mocov2-imagenet")
+CHOICES = {
+    "method": ("byol", "mocov2"),
+    "arch": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "dataset": ("cifar10", "cifar100", "imagenet"),
+    "loader": ("auto", "tensor", "dali"),
+    "optimizer": ("sgd", "lars"),
+    "smoothing": ("ema", "se", "sts"),
+    "granularity": ("tensor", "channel", "element"),
+    "momentum_schedule": ("cosine", "constant"),
+    "wandb": ("auto", "online", "offline", "disabled"),
+}
+
+
+def _choice(name: str) -> click.Choice:
+    return click.Choice(CHOICES[name])
+
+
+@click.command("pretrain")
+@click.option("--preset", type=click.Choice(PRESET_NAMES), help="A paper or CIFAR recipe; other flags override it.")
+@click.option("--method", type=_choice("method"), help="[default: byol]")
+@click.option("--data", help="Class-folder tree (train/ and test/ or val/), archive of one, or cifar10/cifar100.")
+@click.option("--dataset", type=_choice("dataset"), help="Use its published mean/std (and download it if no --data).")
+@click.option("--arch", type=_choice("arch"), help="torchvision ResNet [default: resnet50; CIFAR presets resnet18].")
+@click.option("--cifar-stem/--no-cifar-stem", default=None, help="3x3 first conv, no max-pool (32 px images).")
+@click.option("--image-size", type=int, help="Training crop side in px [default: image side if <= 64, else 224].")
+@click.option("--limit", type=int, help="Use at most N images of each split (smoke runs).")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int, help="Global batch (all processes).")
+@click.option("--lr", type=float, help="Learning rate per 256 images (scaled by batch/256).")
+@click.option("--weight-decay", type=float)
+@click.option("--optimizer", type=_choice("optimizer"))
+@click.option("--warmup-epochs", type=float)
+@click.option("--smoothing", type=_choice("smoothing"), help="Teacher update [default: sts].")
+@click.option("--keep-prob", type=float, help="P(keep a teacher fragment) [default: 0.7 BYOL, 0.5 MoCo].")
+@click.option("--granularity", type=_choice("granularity"), help="Fragment size [default: tensor].")
+@click.option("--momentum", type=float, help="Teacher momentum [default: 0.99 BYOL, 0.999 MoCo].")
+@click.option("--momentum-schedule", type=_choice("momentum_schedule"),
+              help="[default: cosine BYOL, constant MoCo]")
+@click.option("--queue-size", type=int, help="MoCo keys in the queue.")
+@click.option("--loader", type=_choice("loader"), help="Input pipeline backend [default: auto].")
+@click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto].")
+@click.option("--compile/--no-compile", default=None, help="torch.compile student and teacher [default: on CUDA].")
+@click.option("--syncbn/--no-syncbn", default=None, help="SyncBatchNorm in student and teacher.")
+@click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels.")
+@click.option("--max-steps", type=int, help="Stop after N steps in total (checkpointed; schedules keep --epochs).")
+@click.option("--knn-every", type=int, help="Epochs between kNN checks of the teacher (0: at the end only).")
+@click.option("--log-every", type=int, help="Steps between metrics lines.")
+@click.option("--ckpt-every", type=int, help="Epochs between checkpoints.")
+@click.option("--seed", type=int)
+@click.option("--out", help="Run folder: metrics.jsonl, checkpoints/, backbone.safetensors [default: runs/pretrain].")
+@click.option("--cache-dir", help="Extracted archives and decoded arrays [default: $FASTSE_CACHE or ~/.cache/fastse].")
+@click.option("--wandb", type=_choice("wandb"), help="[default: auto: online with credentials, else offline]")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+def pretrain(preset: str | None, resume: bool, **flags) -> None:
+    """Self-supervised pretraining (BYOL or MoCo v2) with an EMA / SE / STS teacher."""
+    from fastse.config import PretrainConfig
+    from fastse.config import preset as get_preset
+    from fastse.engine.trainer import Trainer, TrainingError
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        if preset:
+            base = get_preset(preset)
+            if given.get("method", base.method) != base.method:
+                raise ValueError(f"--method {given['method']} contradicts --preset {preset} (a {base.method} "
+                                 f"recipe); use --preset {given['method']}-{preset.split('-', 1)[1]}")
+            config = base.replace(**given)
+        else:
+            config = PretrainConfig(**given)
+        config.validate()
+        trainer = Trainer(config, resume=resume)
+    except (ValueError, ImportError) as e:  # bad flags, data, checkpoints, or a missing backend
+        raise click.UsageError(_as_flags(str(e), flags)) from None
+    try:
+        result = trainer.fit()
+    except TrainingError as e:
+        raise click.ClickException(str(e)) from None
+    if trainer.env.is_main:
+        for key in ("checkpoint", "backbone"):
+            if result.get(key):
+                click.echo(f"{key}: {result[key]}")
+
+
+
+def _as_flags(message: str, fields) -> str:
+    """Config fields in `message` written as the flags that set them: keep_prob=1.5 -> --keep-prob=1.5."""
+    return re.sub(r"\b([a-z_]+)=", lambda m: f"--{m[1].replace('_', '-')}=" if m[1] in fields else m[0], message)

@@ -1,0 +1,207 @@
+"""What a pretraining run is: one dataclass, the paper's and CIFAR recipes as presets, and the checks.
+
+`PretrainConfig` fields left as None take the method's default from the paper (METHOD_DEFAULTS):
+BYOL keeps a teacher fragment with probability 0.7 and smooths with a per-iteration cosine momentum
+from 0.99; MoCo v2 keeps with 0.5 at a constant 0.999. `lr` is per 256 images and scaled linearly
+with the global batch (`scaled_lr`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from fastse.models.resnet import ARCHS
+from fastse.smoothing import BUFFER_MODES, GRANULARITIES, RULES
+
+METHODS = ("byol", "mocov2")
+OPTIMIZERS = ("sgd", "lars")
+MOMENTUM_SCHEDULES = ("cosine", "constant")
+LOADERS = ("auto", "tensor", "dali")
+DTYPES = ("bf16", "fp32")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+DATASETS = ("cifar10", "cifar100", "imagenet")
+
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # BYOL (Grill et al. 2020) with STS (Huang et al. 2021): projector 4096-256, predictor 4096-256
+    "byol": dict(keep_prob=0.7, momentum=0.99, momentum_schedule="cosine",
+                 proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096, queue_size=0, temperature=0.0),
+    # MoCo v2 (Chen et al. 2020): MLP head 2048-128, InfoNCE at 0.2, 65,536 queued keys
+    "mocov2": dict(keep_prob=0.5, momentum=0.999, momentum_schedule="constant",
+                   proj_hidden_dim=2048, proj_dim=128, pred_hidden_dim=0, queue_size=65536, temperature=0.2),
+}
+
+
+@dataclass
+class PretrainConfig:
+    """One self-supervised pretraining run (`fastse pretrain`). Units: epochs over the train split,
+    `batch_size` images per step over all ranks, `lr` per 256 images, `*_every` in epochs except
+    `log_every` (steps)."""
+
+    # what is learned
+    method: str = "byol"                # byol | mocov2
+    arch: str = "resnet50"              # torchvision ResNet
+    cifar_stem: bool = False            # 3x3/1 first conv, no max-pool (32 px images)
+    proj_hidden_dim: int | None = None  # projector (BYOL) / MLP head (MoCo) hidden width
+    proj_dim: int | None = None         # projection size
+    pred_hidden_dim: int | None = None  # BYOL predictor hidden width
+    queue_size: int | None = None       # MoCo: queued keys
+    temperature: float | None = None    # MoCo: InfoNCE temperature
+    # data
+    data: str | None = None             # class-folder tree, archive, or cifar10/cifar100 (torchvision)
+    dataset: str | None = None          # cifar10 | cifar100 | imagenet: published mean/std; the data if none given
+    image_size: int | None = None       # px; default: the images' side when <= 64, else 224
+    limit: int | None = None            # use at most this many images of each split (smoke runs)
+    loader: str = "auto"                # auto | tensor | dali
+    cache_dir: str | None = None        # extracted archives, decoded arrays ($FASTSE_CACHE)
+    # optimisation
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 0.05
+    weight_decay: float = 1e-4
+    optimizer: str = "sgd"              # sgd | lars (LARS: no decay or adaptation of biases and BN)
+    sgd_momentum: float = 0.9
+    warmup_epochs: float = 0.0          # linear warmup, then cosine to 0, per step
+    # teacher
+    smoothing: str = "sts"              # ema | se | sts
+    keep_prob: float | None = None      # P(keep a teacher fragment), se/sts
+    granularity: str = "tensor"         # tensor | channel | element
+    momentum: float | None = None       # teacher momentum (base of the cosine schedule)
+    momentum_schedule: str | None = None  # cosine (to 1 at the last step) | constant
+    buffers: str = "keep"               # teacher BN statistics: keep (its own) | copy | ema
+    # engine
+    device: str = "auto"                # auto (cuda when present) | cpu | cuda
+    dtype: str = "bf16"                 # autocast dtype on CUDA (CPU runs fp32)
+    channels_last: bool = True
+    compile: bool | None = None         # torch.compile student and teacher; None: on CUDA
+    syncbn: bool = False                # SyncBatchNorm in student and teacher (DDP)
+    seed: int = 0
+    deterministic: bool = False         # deterministic kernels (bit-identical resume)
+    max_steps: int | None = None        # stop after this many steps in total (schedules keep `epochs`)
+    # monitoring and output
+    knn_every: int = 10                 # teacher kNN on the test split every N epochs (0: at the end only)
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    log_every: int = 50                 # steps between metrics lines (the only host syncs)
+    ckpt_every: int = 10                # epochs between checkpoints (and one at the end)
+    keep_ckpts: int = 3
+    wandb: str = "auto"                 # auto (online with credentials, else offline) | online | offline | disabled
+    wandb_project: str = "fastse"
+    out: str = "runs/pretrain"
+
+    def __post_init__(self) -> None:
+        for key, value in METHOD_DEFAULTS.get(self.method, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    @property
+    def scaled_lr(self) -> float:
+        """The peak learning rate: `lr` x batch_size / 256."""
+        return self.lr * self.batch_size / 256
+
+    @property
+    def data_spec(self) -> str:
+        """What `resolve_data` reads: `data`, else the dataset's name (cifar10/cifar100 download)."""
+        return self.data or self.dataset or ""
+
+    def replace(self, **changes: Any) -> PretrainConfig:
+        """A copy with `changes`; a changed method re-fills the fields it leaves at None."""
+        if "method" in changes and changes["method"] != self.method:
+            base = {k: None for k in METHOD_DEFAULTS.get(self.method, {}) if k not in changes}
+            changes = {**base, **changes}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int = 1) -> PretrainConfig:
+        """Raise ValueError with one clear line for an impossible setting; return self."""
+        _choice("method", self.method, METHODS)
+        _choice("arch", self.arch, ARCHS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("smoothing", self.smoothing, RULES)
+        _choice("granularity", self.granularity, GRANULARITIES)
+        _choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
+        _choice("buffers", self.buffers, BUFFER_MODES)
+        _choice("loader", self.loader, LOADERS)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("wandb", self.wandb, WANDB_MODES)
+        if self.dataset is not None:
+            _choice("dataset", self.dataset, DATASETS)
+        if not self.data_spec:
+            raise ValueError("data=None and dataset=None: give a class-folder tree, an archive, cifar10 or cifar100")
+        if self.data is None and self.dataset == "imagenet":
+            raise ValueError("dataset=imagenet cannot be downloaded: give data= (the ImageNet class-folder tree)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        for name in ("keep_prob", "momentum"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value} is outside [0, 1]")
+        for name in ("epochs", "batch_size", "log_every", "keep_ckpts", "ckpt_every", "knn_k",
+                     "proj_hidden_dim", "proj_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("lr", "knn_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("weight_decay", "warmup_epochs", "knn_every", "sgd_momentum", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be shorter than epochs={self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit={self.limit} must be >= 1")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size={self.image_size} px is too small (at least 8)")
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by the {world_size} processes")
+        if self.method == "byol" and self.pred_hidden_dim < 1:
+            raise ValueError(f"pred_hidden_dim={self.pred_hidden_dim} must be >= 1 for BYOL")
+        if self.method == "mocov2":
+            if not self.temperature > 0:
+                raise ValueError(f"temperature={self.temperature} must be > 0")
+            if self.queue_size < self.batch_size:
+                raise ValueError(f"queue_size={self.queue_size} must hold at least one batch ({self.batch_size} keys)")
+        return self
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+# BYOL on CIFAR-10 takes its optimisation from lightly's benchmark (benchmarks/cifar10_benchmark.py),
+# documented to reach kNN 86.8 % with ResNet-18 in 200 epochs at batch 512: SGD momentum 0.9, lr
+# 0.06 x batch/128, weight decay 5e-4, cosine, no warmup. Their loss is -(cos(p1, z2) + cos(p2, z1)) / 2;
+# ours is the paper's (2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1)), 4x the gradient, so lr / 4 and weight
+# decay x 4 give exactly their SGD updates: 0.03 per 256 images, 2e-3. What differs from their run: the
+# paper's heads (4096 wide, theirs 1024), BYOL's augmentations (theirs SimCLR's), and the teacher
+# (STS p=0.7 with the cosine momentum from 0.99; theirs EMA at a constant 0.99).
+# MoCo v2 on CIFAR follows the MoCo authors' CIFAR-10 demo (lr 0.06 at batch 512, wd 5e-4, 4,096
+# keys, momentum 0.99: 0.999 is too slow for ~100 steps an epoch) with the paper's temperature 0.2.
+PRESETS: dict[str, PretrainConfig] = {
+    "byol-cifar10": PretrainConfig(
+        method="byol", arch="resnet18", cifar_stem=True, dataset="cifar10", epochs=200, batch_size=512,
+        lr=0.03, weight_decay=2e-3, knn_every=20, ckpt_every=20),
+    "mocov2-cifar10": PretrainConfig(
+        method="mocov2", arch="resnet18", cifar_stem=True, dataset="cifar10", epochs=200, batch_size=512,
+        lr=0.03, weight_decay=5e-4, momentum=0.99, queue_size=4096, knn_every=20, ckpt_every=20),
+    # ImageNet: the recipes of the Spatial Ensemble paper (SPATIAL_ENSEMBLE.md, "Hyperparameters")
+    "byol-imagenet": PretrainConfig(
+        method="byol", arch="resnet50", dataset="imagenet", epochs=200, batch_size=256,
+        lr=0.05, weight_decay=1e-4, warmup_epochs=10, knn_every=20, ckpt_every=5),
+    "mocov2-imagenet": PretrainConfig(
+        method="mocov2", arch="resnet50", dataset="imagenet", epochs=200, batch_size=256,
+        lr=0.03, weight_decay=1e-4, knn_every=20, ckpt_every=5),
+}
+
+
+def preset(name: str, **overrides: Any) -> PretrainConfig:
+    """The preset `name` with `overrides` applied (unknown names fail with the list)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

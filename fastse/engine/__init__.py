@@ -1,0 +1,2 @@
+"""The pretraining engine: optimizers and schedules (`optim`), torchrun processes (`distributed`),
+metrics output (`logging`) and the loop (`trainer.train`)."""

@@ -1,0 +1,358 @@
+"""The pretraining loop: data, method, optimizer, teacher smoothing, DDP, compile, monitor, checkpoints.
+
+One step: augmented views -> `method(views)` (student forward with autograd, teacher forward
+without, bf16 autocast on CUDA) -> backward -> optimizer step -> `Smoother.step` (the teacher
+update, momentum per step). The loss is summed on the device; the host reads it, with the teacher
+statistics, only every `log_every` steps. Every `ckpt_every` epochs and at the end rank 0 writes a
+checkpoint (student, teacher, optimizer, queue, RNG, smoother); `resume=True` continues from the
+newest one exactly where it stopped (bit-identically on CPU with `deterministic`). At the end the
+teacher's backbone is exported to `backbone.safetensors` and measured by the kNN monitor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastse import checkpoints as ckpt
+from fastse.config import PretrainConfig
+from fastse.engine import distributed as ddp
+from fastse.engine.logging import RunLog, progress_line
+from fastse.engine.optim import build_optimizer, lr_at, set_lr
+from fastse.methods import Method, build_method
+from fastse.smoothing import Smoother, cosine_momentum
+
+# fields that may change between a run and its resumption without changing what is trained
+_RESUMABLE = frozenset({"max_steps", "out", "wandb", "wandb_project", "log_every", "knn_every", "ckpt_every",
+                        "keep_ckpts", "device", "loader", "cache_dir", "compile", "data"})
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+def train(config: PretrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run `config` (under torchrun: on every process) and return the final metrics of rank 0."""
+    return Trainer(config, resume=resume).fit()
+
+
+class Trainer:
+    """Builds everything in `__init__` (joining the torchrun process group, if any); `fit` trains."""
+
+    def __init__(self, config: PretrainConfig, *, resume: bool = False):
+        self.owns_group = not (dist.is_available() and dist.is_initialized())
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.env = env = ddp.init_distributed(config.device)
+        self.config = config.validate(env.world_size)
+        self.out = Path(config.out)
+        self.cuda = env.device.type == "cuda"
+        if config.syncbn and not self.cuda:
+            raise ValueError("syncbn=True needs CUDA devices (SyncBatchNorm)")
+        _set_determinism(config.deterministic, self.cuda)
+        start = self._find_checkpoint(resume)
+        if start is not None and (changed := _changed_fields(start[1]["config"], config)):
+            self.print(f"resuming with changed settings: {changed}")
+
+        self.amp_dtype = torch.bfloat16 if self.cuda and config.dtype == "bf16" else None
+        data = None
+        for first in (True, False):  # local rank 0 downloads, decodes and caches first; the others reuse it
+            if (env.local_rank == 0) == first:
+                data = _build_data(config, env, self.amp_dtype or torch.float32)
+            ddp.barrier()
+        self.train_loader, self.eval_loaders, self.data_info = data
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, config.max_steps or self.total_steps)
+        self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
+
+        torch.manual_seed(config.seed)
+        method = build_method(config)
+        method.to(env.device)
+        if config.channels_last:
+            method.to(memory_format=torch.channels_last)
+        for t in method.state_dict().values():  # one initial state everywhere (student, teacher, queue)
+            ddp.broadcast_(t)
+        self.method: Method = method.train()
+        self.optimizer = build_optimizer(method.student, config.optimizer, lr=config.scaled_lr,
+                                         momentum=config.sgd_momentum, weight_decay=config.weight_decay)
+        self.smoother = Smoother(*method.smoothing_pairs(), rule=config.smoothing, keep_prob=config.keep_prob,
+                                 momentum=config.momentum, granularity=config.granularity, buffers=config.buffers,
+                                 seed=config.seed)
+        self.step = 0
+        if start is not None:
+            self._load(*start)
+        steps = ddp.all_gather_cat(torch.tensor([self.step], device=env.device))
+        if not bool((steps == self.step).all()):
+            raise ckpt.CheckpointError(f"the processes start at different steps {steps.tolist()}: {self.out} must be "
+                                       "a folder that every node reads (shared storage)")
+
+        student, teacher = method.student, method.teacher
+        if env.world_size > 1:
+            student = torch.nn.parallel.DistributedDataParallel(
+                student, device_ids=[env.device.index] if self.cuda else None, gradient_as_bucket_view=True)
+        self.compiled = self.cuda if config.compile is None else config.compile
+        if self.compiled:  # static shapes (drop_last): each graph is compiled once
+            student, teacher = torch.compile(student, dynamic=False), torch.compile(teacher, dynamic=False)
+        method.wrap(student=student, teacher=teacher)
+        self.log = RunLog(self.out, config.to_dict(), wandb=config.wandb, project=config.wandb_project,
+                          enabled=env.is_main)
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        c, env = self.config, self.env
+        self.print(f"pretrain {c.method}+{c.smoothing} {c.arch} | {self.data_info} | {env.world_size} process(es) "
+                   f"on {env.device}, batch {c.batch_size} ({c.batch_size // env.world_size} per process) | "
+                   f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, peak lr {c.scaled_lr:.4g}"
+                   + (f" | resumed at step {self.step}" if self.step else ""))
+        result: dict[str, Any] = {"run_dir": str(self.out)}
+        loss_sum, n_loss = torch.zeros((), device=env.device), 0
+        window = (self.step, time.perf_counter())  # (step, time) where the current img/s window starts
+        first_step = self.step
+        saved_at = None
+        try:
+            while self.step < self.stop_step:
+                epoch = self.step // self.steps_per_epoch
+                skip = self.step - epoch * self.steps_per_epoch  # batches of this epoch done before a resume
+                self.train_loader.set_epoch(epoch)
+                for i, (views, _) in enumerate(self.train_loader):
+                    if i < skip:
+                        continue
+                    loss_sum += self._train_step(views)
+                    self.step, n_loss = self.step + 1, n_loss + 1
+                    if self.step == first_step + 1:
+                        result["first_step_s"] = self._first_step_done(window[1])
+                        window = (self.step, time.perf_counter())
+                    if self.step % c.log_every == 0 or self.step == self.stop_step:
+                        result.update(self._log_interval(loss_sum / n_loss, window))
+                        loss_sum.zero_()
+                        n_loss, window = 0, (self.step, time.perf_counter())
+                    if self.step == self.stop_step:
+                        break
+                if self.step % self.steps_per_epoch == 0:  # a whole epoch
+                    done = self.step // self.steps_per_epoch
+                    if c.knn_every and done % c.knn_every == 0 and done < c.epochs and self.step < self.stop_step:
+                        result.update(self._knn())
+                    if done % c.ckpt_every == 0:
+                        result["checkpoint"] = self._save()
+                        saved_at = self.step
+                    window = (self.step, time.perf_counter())  # img/s counts training only
+            if saved_at != self.step:
+                result["checkpoint"] = self._save()
+            if env.is_main:
+                result["backbone"] = str(ckpt.export_backbone(self.out, self.method.backbone))
+            result.update(self._knn())
+            result.update(step=self.step, epoch=self.step / self.steps_per_epoch)
+            if "knn_top1" in result:
+                self.print(f"teacher kNN top-1 {result['knn_top1']:.2f}% top-5 {result['knn_top5']:.2f}% "
+                           f"(k={c.knn_k}) at step {self.step}")
+            return result
+        finally:
+            self.log.close()
+            if self.owns_group:
+                ddp.cleanup()
+
+    def _train_step(self, views: tuple[Tensor, ...]) -> Tensor:
+        """One optimisation step and teacher update; returns the loss (on the device, detached)."""
+        c = self.config
+        set_lr(self.optimizer, lr_at(self.step, self.total_steps, c.scaled_lr, self.warmup_steps))
+        with self._autocast():
+            loss = self.method(views)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.smoother.step(momentum=self.momentum_at(self.step))
+        return loss.detach().float()
+
+    def momentum_at(self, step: int) -> float:
+        """Teacher momentum of step `step`: BYOL's cosine schedule from `momentum` to 1, or constant."""
+        c = self.config
+        if c.momentum_schedule == "cosine":
+            return cosine_momentum(step, self.total_steps, base=c.momentum)
+        return c.momentum
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def _first_step_done(self, started: float) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        what = "torch.compile of student and teacher + first step" if self.compiled else "first step"
+        self.print(f"{what}: {seconds:.1f} s")
+        self.log.log({"step": self.step, "first_step_s": seconds, "compiled": self.compiled})
+        return seconds
+
+    def _log_interval(self, loss: Tensor, window: tuple[int, float]) -> dict[str, Any]:
+        """Read the mean loss since the last line and the teacher statistics (the host sync), check
+        them, write one metrics line; img/s over `window` = (first step, its start time)."""
+        c = self.config
+        steps = self.step - window[0]
+        loss = float(ddp.all_reduce_mean(loss))
+        epoch = self.step / self.steps_per_epoch
+        if not np.isfinite(loss):
+            raise TrainingError(f"the loss is {loss} at step {self.step} (epoch {epoch:.2f}): training diverged; "
+                                f"lower the learning rate (lr={c.lr} per 256 images) or check the data")
+        elapsed = time.perf_counter() - window[1]
+        img_s = steps * c.batch_size / elapsed if elapsed > 0 and steps else 0.0
+        m = {"step": self.step, "epoch": epoch, "loss": loss,
+             "lr": lr_at(self.step - 1, self.total_steps, c.scaled_lr, self.warmup_steps),
+             "momentum": self.momentum_at(self.step - 1), **_stats(self.smoother), "img_per_s": img_s}
+        if img_s:
+            m["eta_s"] = (self.stop_step - self.step) * c.batch_size / img_s
+        self.log.log(m)
+        self.log.print(progress_line(m, self.stop_step, c.epochs))
+        return {"loss": loss, "img_per_s": img_s}
+
+    # ------------------------------------------------------------------------------ monitoring
+
+    def _knn(self) -> dict[str, float]:
+        """Teacher kNN top-1/top-5 (%) on the test split, measured on rank 0 ({} without a test split)."""
+        from fastse.eval import knn_eval
+
+        out: dict[str, float] = {}
+        if self.env.is_main and self.eval_loaders:
+            (train_loader, n_train), (test_loader, n_test) = self.eval_loaders
+            started = time.perf_counter()
+            with self._autocast():
+                acc = knn_eval(self.method.backbone, train_loader, test_loader, device=self.env.device,
+                               k=self.config.knn_k, temperature=self.config.knn_temperature,
+                               num_train=n_train, num_test=n_test)
+            out = {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
+            epoch = self.step / self.steps_per_epoch
+            self.log.log({"step": self.step, "epoch": epoch, **out, "knn_s": time.perf_counter() - started})
+            self.print(f"kNN at epoch {epoch:g}: top-1 {acc['top1']:.2f}% top-5 {acc['top5']:.2f}% "
+                       f"({time.perf_counter() - started:.1f} s)")
+        ddp.barrier()
+        return out
+
+    def print(self, text: str) -> None:
+        if self.env.is_main:
+            print(text, flush=True)
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def _find_checkpoint(self, resume: bool) -> tuple[Path, dict] | None:
+        """(path, meta) of the checkpoint to resume from; refuses to overwrite another run's checkpoints."""
+        latest = ckpt.latest_checkpoint(self.out) if self.out.is_dir() else None
+        if latest is None:
+            if resume:
+                self.print(f"--resume: no checkpoint in {self.out}, starting from scratch")
+            return None
+        if not resume:
+            raise ckpt.CheckpointError(f"{self.out} already holds checkpoints ({latest.name}): "
+                                       "resume it (--resume) or choose another output folder")
+        return latest, json.loads((latest / ckpt.META).read_text())
+
+    def _save(self) -> str:
+        """Checkpoint the current step. Rank 0 writes; every rank first takes rank 0's buffers (BN
+        statistics, which each rank accumulates from its own batches), so all hold the saved state."""
+        ddp.broadcast_buffers(self.method)
+        path = ""
+        if self.env.is_main:
+            opt_tensors, opt_layout = ckpt.optimizer_to_tensors(self.optimizer)
+            groups = {"student": self.method.student.state_dict(), "teacher": self.method.teacher.state_dict(),
+                      "optimizer": opt_tensors, "rng": ckpt.rng_state()}
+            if state := self.method.state_tensors():
+                groups["queue"] = state
+            meta = {"config": self.config.to_dict(), "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                    "steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size,
+                    "smoother": self.smoother.state_dict(), "optimizer_layout": opt_layout}
+            path = str(ckpt.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
+        ddp.barrier()
+        return path
+
+    def _load(self, path: Path, meta: dict) -> None:
+        groups, meta = ckpt.load_checkpoint(path, device=self.env.device)  # checksums verified
+        if meta["steps_per_epoch"] != self.steps_per_epoch:
+            raise ckpt.CheckpointError(f"{path}: saved with {meta['steps_per_epoch']} steps per epoch, this run "
+                                       f"has {self.steps_per_epoch} (batch size, data or --limit changed)")
+        self.method.student.load_state_dict(groups["student"])
+        self.method.teacher.load_state_dict(groups["teacher"])
+        for name, t in groups.get("queue", {}).items():
+            self.method.get_buffer(name).copy_(t)
+        ckpt.optimizer_from_tensors(self.optimizer, groups["optimizer"], meta["optimizer_layout"])
+        self.smoother.load_state_dict(meta["smoother"])
+        ckpt.set_rng_state(groups["rng"])
+        self.step = int(meta["step"])
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _stats(smoother: Smoother) -> dict[str, float]:
+    s = smoother.stats(distance=True)
+    return {k: s[k] for k in ("updated_fraction", "distance") if k in s}
+
+
+def _set_determinism(on: bool, cuda: bool) -> None:
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    if cuda:
+        torch.backends.cudnn.benchmark = not on
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not on
+
+
+def _changed_fields(saved: dict[str, Any], config: PretrainConfig) -> str:
+    now = config.to_dict()
+    return ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items()
+                     if k not in _RESUMABLE and saved.get(k) != v)
+
+
+def _build_data(config: PretrainConfig, env: ddp.Dist, dtype: torch.dtype):
+    """(train loader of this rank, rank 0's kNN loaders ((loader, n), (loader, n)) or None, a summary)."""
+    from fastse.pipelines.datasets import SPLIT_NAMES, DataError, dataset_stats, resolve_data, scan_image_folder
+    from fastse.pipelines.loader import build_loader
+    from fastse.pipelines.recipes import get_recipe
+
+    root = resolve_data(config.data_spec, cache_dir=config.cache_dir)
+    splits = {d.name for d in root.iterdir() if d.is_dir() and d.name in SPLIT_NAMES}
+    if splits and "train" not in splits:
+        raise DataError(f"{root}: no train/ folder (the tree has {', '.join(sorted(splits))})")
+    train = scan_image_folder(root, split="train" if splits else None)
+    test_split = next((s for s in ("test", "val", "validation", "valid") if s in splits), None)
+    side, uniform = int(train.sizes.max()), len(np.unique(train.sizes, axis=0)) == 1
+    small = uniform and side <= 64
+    size = config.image_size or (side if small else 224)
+    stats = dataset_stats(config.dataset or root, cache_dir=config.cache_dir)
+    common = dict(device=env.device, backend=config.loader, dtype=dtype, channels_last=config.channels_last)
+    train_idx = _subset(len(train), config.limit)
+    loader = build_loader(get_recipe(config.method, size).with_stats(*stats), train,
+                          batch_size=config.batch_size // env.world_size, seed=config.seed, rank=env.rank,
+                          world_size=env.world_size, indices=train_idx, drop_last=True, **common)
+    n_train = len(train) if train_idx is None else len(train_idx)
+    summary = f"{n_train} images of {root} at {size} px, {type(loader).__name__}"
+    evals = None
+    if env.is_main and test_split is not None:
+        test = scan_image_folder(root, split=test_split, classes=train.classes)
+        recipe = get_recipe("eval", side if small else size).with_stats(*stats)
+        evals = []
+        for index in (train, test):
+            idx = _subset(len(index), config.limit)
+            n = len(index) if idx is None else len(idx)
+            evals.append((build_loader(recipe, index, batch_size=min(512, n), seed=0, indices=idx,
+                                       drop_last=False, **common), n))
+        summary += f"; kNN monitor on {evals[1][1]} {test_split} images"
+    elif env.is_main:
+        summary += "; no test/ or val/ split: no kNN monitor"
+    return loader, evals, summary
+
+
+def _subset(n: int, limit: int | None) -> np.ndarray | None:
+    """A fixed random subset of `limit` of n samples (the same in every run), or None for all."""
+    if limit is None or limit >= n:
+        return None
+    return np.sort(np.random.default_rng(0).permutation(n)[:limit])
+
+

@@ -1,0 +1,85 @@
+"""Self-supervised methods with a smoothed teacher, behind one interface.
+
+A `Method` holds `student` (every module the optimizer trains; DDP wraps it), `teacher` (a copy of
+the student's backbone + projector, never trained, updated by a `fastse.smoothing.Smoother` from
+the module pair `smoothing_pairs()`), and returns the loss of a batch of views from `forward`. The
+trainer may route the calls through wrappers (DDP, `torch.compile`) with `wrap`; the modules stay
+plain, so checkpoints and the teacher update see the same parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor, nn
+
+
+class Encoder(nn.Module):
+    """backbone -> head: images [N, 3, H, W] -> embeddings [N, D]; `.backbone` gives features."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+
+class Method(nn.Module):
+    """Base class: `student`, `teacher`, `forward(views) -> scalar loss`, `smoothing_pairs()`."""
+
+    student: nn.Module
+    teacher: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.__dict__["_calls"] = {}  # wrappers are not submodules: no duplicate state_dict entries
+
+    def wrap(self, *, student: Callable | None = None, teacher: Callable | None = None) -> Method:
+        """Call `student` / `teacher` (e.g. DDP- or compile-wrapped modules) in `forward`."""
+        if student is not None:
+            self._calls["student"] = student
+        if teacher is not None:
+            self._calls["teacher"] = teacher
+        return self
+
+    def student_fn(self, *args: Tensor):
+        return self._calls.get("student", self.student)(*args)
+
+    def teacher_fn(self, *args: Tensor):
+        return self._calls.get("teacher", self.teacher)(*args)
+
+    def forward(self, views: Sequence[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def smoothing_pairs(self) -> tuple[nn.Module, nn.Module]:
+        """(student module, teacher module) with the same parameter names: what the Smoother updates."""
+        raise NotImplementedError
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The teacher's backbone: what the kNN monitor measures and `backbone.safetensors` holds."""
+        return self.teacher.backbone
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Buffers outside student and teacher (e.g. MoCo's queue), for checkpoints."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
+
+
+def build_method(config) -> Method:
+    """The method of a `PretrainConfig` with a fresh ResNet backbone (SyncBN if `config.syncbn`)."""
+    from fastse.methods.byol import BYOL
+    from fastse.methods.moco import MoCoV2
+    from fastse.models import resnet_backbone
+
+    backbone = resnet_backbone(config.arch, cifar_stem=config.cifar_stem)
+    if config.method == "byol":
+        return BYOL(backbone, proj_hidden_dim=config.proj_hidden_dim, proj_dim=config.proj_dim,
+                    pred_hidden_dim=config.pred_hidden_dim, syncbn=config.syncbn)
+    if config.method == "mocov2":
+        return MoCoV2(backbone, hidden_dim=config.proj_hidden_dim, dim=config.proj_dim,
+                      queue_size=config.queue_size, temperature=config.temperature, syncbn=config.syncbn)
+    raise ValueError(f"unknown method {config.method!r}; known: byol, mocov2")
+
+
+__all__ = ["Method", "Encoder", "build_method"]

@@ -1,0 +1,244 @@
+"""The pretraining loop on real CIFAR-10 JPEGs (a small copied subset, 16 px crops, CPU): 20-step runs of
+both methods with every teacher rule, checkpoints, bit-identical resume, 2-process gloo DDP, the
+exported backbone, the optimizers and schedules, and the run log."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fastse.checkpoints import latest_checkpoint, load_checkpoint
+from fastse.config import PretrainConfig
+from fastse.engine.logging import RunLog, wandb_mode
+from fastse.engine.optim import LARS, build_optimizer, lr_at
+from fastse.engine.trainer import Trainer, TrainingError, train
+
+TRAIN_PER_CLASS, TEST_PER_CLASS = 8, 4  # 80 train images: 10 steps an epoch at batch 8
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(cifar10_dir, tmp_path_factory) -> Path:
+    """train/<class>/ with 8 and test/<class>/ with 4 of the real CIFAR-10 JPEGs of each class."""
+    root = tmp_path_factory.mktemp("tiny-cifar")
+    for split, n in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        for cls in sorted((cifar10_dir / split).iterdir()):
+            (root / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:n]:
+                shutil.copy(f, root / split / cls.name / f.name)
+    return root
+
+
+def small(data: Path, out: Path, **changes) -> PretrainConfig:
+    """A ResNet-18 (CIFAR stem) run at 16 px with narrow heads: 10 steps an epoch, 2 epochs."""
+    base = dict(arch="resnet18", cifar_stem=True, data=str(data), dataset="cifar10", image_size=16, epochs=2,
+                batch_size=8, lr=0.05, proj_hidden_dim=128, proj_dim=32, pred_hidden_dim=128, queue_size=32,
+                log_every=5, knn_every=1, knn_k=20, out=str(out), wandb="disabled", cache_dir=str(out.parent / "cache"))
+    return PretrainConfig(**{**base, **changes})
+
+
+def _lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method,rule,granularity", [  # element masks are slow on CPU: tested in test_smoothing
+    ("byol", "ema", "element"), ("byol", "se", "channel"), ("byol", "sts", "tensor"),
+    ("mocov2", "ema", "element"), ("mocov2", "se", "tensor"), ("mocov2", "sts", "channel"),
+])
+def test_twenty_steps(tiny_cifar, tmp_path, method, rule, granularity):
+    out = tmp_path / "run"
+    trainer = Trainer(small(tiny_cifar, out, method=method, smoothing=rule, granularity=granularity))
+    initial = {k: v.clone() for k, v in trainer.method.teacher.state_dict().items()}
+    result = trainer.fit()
+    assert result["step"] == 20 and math.isfinite(result["loss"])
+    assert 0 <= result["knn_top1"] <= 100 and result["knn_top1"] <= result["knn_top5"]
+    lines = _lines(out)
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [5, 10, 15, 20]
+    assert all(math.isfinite(m["loss"]) and m["lr"] > 0 and m["img_per_s"] > 0 for m in steps)
+    assert sum("knn_top1" in m for m in lines) == 2  # after epoch 1 and at the end
+    fractions = [m["updated_fraction"] for m in steps]
+    if rule == "ema":
+        assert fractions == [1.0] * 4
+    else:
+        assert all(0 < f < 1 for f in fractions) and len(set(fractions)) > 1  # fresh masks every step
+    momenta = [m["momentum"] for m in steps]
+    if method == "mocov2":
+        assert momenta == [0.999] * 4  # constant
+    else:
+        assert 0.99 <= momenta[0] < momenta[-1] < 1  # cosine from 0.99 towards 1
+    moved = [k for k, v in trainer.method.teacher.state_dict().items() if v.is_floating_point()
+             and not torch.equal(v, initial[k])]
+    assert moved, "the teacher never changed"
+    assert all(m["distance"] > 0 for m in steps)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_cifar, tmp_path_factory):
+    """A finished BYOL+STS run: (trainer, result)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    trainer = Trainer(small(tiny_cifar, out, knn_every=0, ckpt_every=1, keep_ckpts=1))
+    return trainer, trainer.fit()
+
+
+def test_checkpoint_round_trip(finished):
+    trainer, result = finished
+    path = latest_checkpoint(trainer.out)
+    assert str(path) == result["checkpoint"] and path.name == "step-000000020"
+    assert [p.name for p in (trainer.out / "checkpoints").iterdir()] == [path.name]  # keep_ckpts=1
+    groups, meta = load_checkpoint(path)
+    for name, module in (("student", trainer.method.student), ("teacher", trainer.method.teacher)):
+        state = module.state_dict()
+        assert groups[name].keys() == state.keys()
+        assert all(torch.equal(groups[name][k], state[k]) for k in state)
+    assert meta["step"] == 20 and meta["epoch"] == 2 and meta["smoother"] == trainer.smoother.state_dict()
+    assert meta["config"] == trainer.config.to_dict()
+    fresh = Trainer(trainer.config, resume=True)
+    assert fresh.step == 20 and fresh.smoother.steps == 20
+    assert all(torch.equal(a, b) for a, b in zip(fresh.method.state_dict().values(),
+                                                  trainer.method.state_dict().values()))
+    opt_a, opt_b = fresh.optimizer.state_dict()["state"], trainer.optimizer.state_dict()["state"]
+    assert opt_a.keys() == opt_b.keys()
+    assert all(torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"]) for i in opt_a)
+    fresh.log.close()
+
+
+def test_exported_backbone_loads_into_torchvision(finished):
+    import torchvision
+    from safetensors.torch import load_file
+
+    trainer, result = finished
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # the CIFAR stem
+    net.maxpool = torch.nn.Identity()
+    missing, unexpected = net.load_state_dict(load_file(result["backbone"]), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    net.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    teacher = trainer.method.backbone.eval()
+    torch.testing.assert_close(net.eval()(x), teacher(x.contiguous(memory_format=torch.channels_last)))
+
+
+def test_refuses_to_overwrite_a_run_without_resume(finished):
+    from fastse.checkpoints import CheckpointError
+
+    trainer, _ = finished
+    with pytest.raises(CheckpointError, match="resume"):
+        Trainer(trainer.config)
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_cifar, tmp_path):
+    # MoCo (queue) with LARS, warmup and a cosine teacher schedule: every kind of state must resume
+    common = dict(method="mocov2", optimizer="lars", lr=0.5, warmup_epochs=1, momentum=0.99,
+                  momentum_schedule="cosine", knn_every=0, deterministic=True)
+    train(small(tiny_cifar, tmp_path / "a", **common))
+    stopped = train(small(tiny_cifar, tmp_path / "b", max_steps=7, **common))  # mid-epoch
+    assert stopped["step"] == 7 and latest_checkpoint(tmp_path / "b").name == "step-000000007"
+    train(small(tiny_cifar, tmp_path / "b", **common), resume=True)
+    (ga, ma), (gb, mb) = (load_checkpoint(latest_checkpoint(tmp_path / r)) for r in "ab")
+    assert ma["step"] == mb["step"] == 20 and ma["smoother"] == mb["smoother"]
+    assert ga.keys() == gb.keys() == {"student", "teacher", "optimizer", "queue", "rng"}
+    for group in ("student", "teacher", "optimizer", "queue"):
+        assert ga[group].keys() == gb[group].keys()
+        different = [k for k in ga[group] if not torch.equal(ga[group][k], gb[group][k])]
+        assert not different, f"{group}: {different[:3]}"
+    steps_a = {m["step"]: m["loss"] for m in _lines(tmp_path / "a") if "loss" in m}
+    steps_b = {m["step"]: m["loss"] for m in _lines(tmp_path / "b") if "loss" in m}
+    assert steps_a[15] == steps_b[15] and steps_a[20] == steps_b[20]  # (b's step-10 line averages steps 8-10 only)
+
+
+def test_nonfinite_loss_stops_naming_the_step(tiny_cifar, tmp_path):
+    trainer = Trainer(small(tiny_cifar, tmp_path / "run", log_every=3))
+    real = trainer.method.forward
+    trainer.method.forward = lambda views: real(views) * (float("nan") if trainer.step == 4 else 1.0)
+    with pytest.raises(TrainingError, match="at step 6"):
+        trainer.fit()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank: int, world: int, port: int, config: PretrainConfig) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(config)
+    trainer.fit()
+    torch.save({"teacher": trainer.method.teacher.state_dict(), "queue": trainer.method.queue,
+                "student": trainer.method.student.state_dict()}, Path(config.out) / f"rank{rank}.pt")
+
+
+def test_two_process_gloo_ddp_keeps_identical_teachers(tiny_cifar, tmp_path):
+    config = small(tiny_cifar, tmp_path / "run", method="mocov2", batch_size=16, max_steps=6, knn_every=0)
+    mp.spawn(_ddp_rank, args=(2, _free_port(), config), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / "run" / f"rank{r}.pt") for r in (0, 1))
+    for part in ("teacher", "student"):
+        assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), part
+    assert torch.equal(r0["queue"], r1["queue"])
+    groups, meta = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert meta["world_size"] == 2 and meta["step"] == 6
+    assert all(torch.equal(groups["teacher"][k], r0["teacher"][k]) for k in r0["teacher"])
+
+
+# ------------------------------------------------------------------------- optimizers, schedule, log
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine():
+    assert lr_at(0, 100, 1.0, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, warmup_steps=10) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, warmup_steps=10) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, warmup_steps=10) == pytest.approx(0.5)
+    assert lr_at(100, 100, 1.0, warmup_steps=10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lars_matches_a_reference_and_skips_biases_and_norms():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, "lars", lr=0.1, momentum=0.9, weight_decay=0.01)
+    assert isinstance(opt, LARS)
+    bufs = {n: torch.zeros_like(p) for n, p in reference.items()}
+    for _ in range(3):
+        model(torch.randn(8, 4)).square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        for n, w in reference.items():
+            g = grads[n]
+            if w.ndim > 1:  # weights: decay and trust ratio
+                g = g + 0.01 * w
+                g = g * (0.001 * w.norm() / g.norm())
+            bufs[n] = 0.9 * bufs[n] + g
+            reference[n] = w - 0.1 * bufs[n]
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), reference[n])
+
+
+def test_run_log_writes_jsonl_and_resolves_wandb_mode(tmp_path, monkeypatch):
+    run = RunLog(tmp_path / "run", {"a": 1}, wandb="disabled")
+    run.log({"step": 1, "loss": 0.5})
+    run.log({"step": 2, "loss": float("nan")})
+    run.close()
+    assert _lines(tmp_path / "run") == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": None}]
+    RunLog(tmp_path / "other", {}, enabled=False).log({"step": 1})  # ranks other than 0
+    assert not (tmp_path / "other").exists()
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    netrc = tmp_path / "netrc"  # never the real one
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_mode("auto") == "offline"  # no file
+    netrc.write_text("machine example.com login a password b\n")
+    assert wandb_mode("auto") == "offline"
+    netrc.write_text("machine api.wandb.ai login user password secret\n")
+    netrc.chmod(0o600)
+    assert wandb_mode("auto") == "online"
+    assert wandb_mode("disabled") == "disabled"
