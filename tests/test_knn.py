@@ -113,3 +113,16 @@ def test_knn_on_cifar_jpegs(cifar_subset, tmp_path):
     net = resnet_backbone("resnet18", cifar_stem=True)
     acc = knn_eval(net, train, test, device="cpu", k=50, num_train=600, num_test=300)
     assert net.training and 15 < acc["top1"] <= acc["top5"] <= 100  # random conv features beat chance too
+
+
+def test_knn_inside_bf16_autocast_matches_float32():
+    """The trainer calls the monitor under bf16 autocast: similarities must stay float32."""
+    from fastse.eval.knn import knn_predict
+
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(300, 16, generator=g), torch.randn(40, 16, generator=g)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    ref = knn_predict(train, labels, test, k=20, num_classes=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = knn_predict(train, labels, test, k=20, num_classes=5)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)

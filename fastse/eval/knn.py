@@ -69,7 +69,8 @@ def knn_predict(
     k = min(k, bank.shape[1])
     scores = []
     for q in test_feats.split(chunk):
-        sim, idx = (F.normalize(q.float(), dim=1) @ bank).topk(k, dim=1)  # [c, k]
+        with torch.autocast(bank.device.type, enabled=False):  # float32 similarities even inside autocast
+            sim, idx = (F.normalize(q.float(), dim=1) @ bank).topk(k, dim=1)  # [c, k]
         votes = torch.zeros(len(q), num_classes, device=bank.device)
         scores.append(votes.scatter_add_(1, labels[idx], (sim / temperature).exp_()))
     return torch.cat(scores) if scores else torch.zeros(0, num_classes, device=bank.device)
