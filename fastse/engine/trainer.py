@@ -128,7 +128,7 @@ class Trainer:
                 for i, (views, _) in enumerate(self.train_loader):
                     if i < skip:
                         continue
-                    loss_sum += self._train_step(views)
+                    loss_sum += self.train_step(views)
                     self.step, n_loss = self.step + 1, n_loss + 1
                     if self.step == first_step + 1:
                         result["first_step_s"] = self._first_step_done(window[1])
@@ -162,7 +162,7 @@ class Trainer:
             if self.owns_group:
                 ddp.cleanup()
 
-    def _train_step(self, views: tuple[Tensor, ...]) -> Tensor:
+    def train_step(self, views: tuple[Tensor, ...]) -> Tensor:
         """One optimisation step and teacher update; returns the loss (on the device, detached)."""
         c = self.config
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, c.scaled_lr, self.warmup_steps))

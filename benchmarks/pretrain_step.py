@@ -1,0 +1,101 @@
+"""Pretraining step throughput: the real input pipeline against the same compiled step on a fixed
+batch already on the GPU (what the loader must not slow down), measured in one run.
+
+    python benchmarks/pretrain_step.py --preset byol-cifar10 --data <CIFAR-10 JPEG tree> [--steps 300]
+    python benchmarks/pretrain_step.py --preset byol-imagenet --data <ImageNet-layout tree> --loader dali
+
+Builds a `Trainer` (model, optimizer, smoother, compile, bf16 as the preset says), warms both paths
+up, then times `--rounds` alternating blocks of `--steps` steps: `real` draws each batch from the
+training loader (augmentation included), `synthetic` reuses one batch of the same shape and dtype.
+Both run `Trainer.train_step` (forward, backward, optimizer, teacher update). img/s per block is
+steps x batch / wall time between CUDA synchronisations; the table gives the median of the blocks and
+real / synthetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastse.config import PRESETS, preset  # noqa: E402
+from fastse.engine.trainer import Trainer  # noqa: E402
+
+
+def batches(loader):
+    """Endless batches of views from the training loader, epoch after epoch."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        for views, _ in loader:
+            yield views
+
+
+def timed(step, n: int, cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="byol-cifar10")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--loader", default="auto", choices=("auto", "tensor", "dali"))
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=300, help="steps per timed block")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating real/synthetic block pairs")
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--limit", type=int, default=None, help="at most N images (CPU smoke runs)")
+    args = ap.parse_args()
+
+    overrides = dict(data=args.data, loader=args.loader, device=args.device, wandb="disabled", knn_every=0,
+                     limit=args.limit, out=tempfile.mkdtemp(prefix="fastse-bench-"))
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    trainer = Trainer(preset(args.preset, **overrides))
+    cuda, batch = trainer.cuda, trainer.config.batch_size
+    real = batches(trainer.train_loader)
+    fixed = tuple(v.clone() for v in next(real))
+
+    def real_step():
+        trainer.train_step(next(real))
+
+    def synthetic_step():
+        trainer.train_step(fixed)
+
+    started = time.perf_counter()
+    timed(real_step, 1, cuda)
+    first = time.perf_counter() - started
+    timed(real_step, args.warmup, cuda)
+    timed(synthetic_step, args.warmup, cuda)
+    rates: dict[str, list[float]] = {"real": [], "synthetic": []}
+    for _ in range(args.rounds):
+        for name, step in (("real", real_step), ("synthetic", synthetic_step)):
+            rates[name].append(args.steps * batch / timed(step, args.steps, cuda))
+    real_rate, synth_rate = (statistics.median(rates[k]) for k in ("real", "synthetic"))
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    c = trainer.config
+    print(f"# {args.preset}: {c.method}+{c.smoothing} {c.arch}, batch {batch}, {trainer.data_info}")
+    print(f"# {device}, compiled={trainer.compiled}, first step (compile) {first:.1f} s, "
+          f"{args.rounds} x {args.steps} steps per path")
+    print("| path | img/s (median) | blocks |\n|---|---|---|")
+    for name in ("real", "synthetic"):
+        print(f"| {name} | {statistics.median(rates[name]):,.0f} | {', '.join(f'{r:,.0f}' for r in rates[name])} |")
+    print(f"\nreal / synthetic = {real_rate / synth_rate:.3f}")
+
+
+if __name__ == "__main__":
+    main()
