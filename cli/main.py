@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+from fastse.cli.evaluate import eval_linear, knn
 from fastse.cli.pretrain import pretrain
 
 
@@ -38,6 +39,8 @@ def data_check(path: str, split: str | None, deep: bool) -> None:
 
 
 main.add_command(pretrain)
+main.add_command(eval_linear)
+main.add_command(knn)
 
 if __name__ == "__main__":
     main()
