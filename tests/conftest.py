@@ -22,3 +22,45 @@ def cifar10_dir() -> Path:
     if not CIFAR_ARCHIVE.is_file():
         pytest.fail(f"CIFAR-10 archive not found at {CIFAR_ARCHIVE} (set FASTSE_CIFAR_ARCHIVE)")
     return resolve_data(CIFAR_ARCHIVE, cache_dir=CACHE)
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(cifar10_dir, tmp_path_factory):
+    """Factory: cifar_subset(train_per_class, test_per_class) -> root of a train/ and test/ class-folder
+    tree holding that many of the real CIFAR-10 JPEGs of each class (made once per size; read-only)."""
+    import shutil
+
+    made: dict[tuple[int, int], Path] = {}
+
+    def make(train_per_class: int, test_per_class: int) -> Path:
+        key = (train_per_class, test_per_class)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"cifar-{train_per_class}-{test_per_class}")
+            for split, n in (("train", train_per_class), ("test", test_per_class)):
+                for cls in sorted((cifar10_dir / split).iterdir()):
+                    (root / split / cls.name).mkdir(parents=True)
+                    for f in sorted(cls.iterdir())[:n]:
+                        shutil.copy(f, root / split / cls.name / f.name)
+            made[key] = root
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(cifar_subset) -> Path:
+    """10 train and 4 test real CIFAR-10 JPEGs of each class."""
+    return cifar_subset(10, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_cifar, tmp_path_factory) -> Path:
+    """The folder of a fresh 4-step BYOL+STS run on CPU (ResNet-18, narrow heads, 16 px), one per test module."""
+    from fastse.config import preset
+    from fastse.engine.trainer import train
+
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    train(preset("byol-cifar10", data=str(tiny_cifar), image_size=16, batch_size=20, epochs=1, max_steps=4,
+                 proj_hidden_dim=64, proj_dim=32, pred_hidden_dim=64, knn_every=0, knn_k=10, log_every=2,
+                 out=str(out), wandb="disabled", compile=False, device="cpu", cache_dir=str(out.parent / "cache")))
+    return out

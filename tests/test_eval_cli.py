@@ -4,24 +4,12 @@ written and merged, torchvision state dicts accepted, bad checkpoints and flags 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
 from fastse.cli.main import main
-from test_eval_linear import make_tiny_cifar, make_tiny_run
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(cifar10_dir, tmp_path_factory) -> Path:
-    return make_tiny_cifar(cifar10_dir, tmp_path_factory.mktemp("tiny-cifar"))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_cifar, tmp_path_factory) -> Path:
-    return make_tiny_run(tiny_cifar, tmp_path_factory.mktemp("pretrain") / "run")
 
 
 def run(*args: str):

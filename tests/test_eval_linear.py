@@ -20,41 +20,6 @@ from fastse.checkpoints import CheckpointError, latest_checkpoint, load_checkpoi
 from fastse.eval.linear import accuracy, eval_data, get_protocol, linear_eval, make_head, train_head, train_linear
 from fastse.eval.load import load_backbone_for_eval
 
-TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 4
-
-
-def make_tiny_cifar(cifar10_dir: Path, root: Path) -> Path:
-    """train/<class>/ with 10 and test/<class>/ with 4 of the real CIFAR-10 JPEGs of each class."""
-    for split, n in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        for cls in sorted((cifar10_dir / split).iterdir()):
-            (root / split / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:n]:
-                shutil.copy(f, root / split / cls.name / f.name)
-    return root
-
-
-def make_tiny_run(data: Path, out: Path) -> Path:
-    """4 steps of BYOL+STS (CIFAR recipe, ResNet-18, narrow heads, 16 px) on CPU: a run folder."""
-    from fastse.config import preset
-    from fastse.engine.trainer import train
-
-    config = preset("byol-cifar10", data=str(data), image_size=16, batch_size=20, epochs=1, max_steps=4,
-                    proj_hidden_dim=64, proj_dim=32, pred_hidden_dim=64, knn_every=0, knn_k=10, log_every=2,
-                    out=str(out), wandb="disabled", compile=False, device="cpu", cache_dir=str(out.parent / "cache"))
-    train(config)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(cifar10_dir, tmp_path_factory) -> Path:
-    return make_tiny_cifar(cifar10_dir, tmp_path_factory.mktemp("tiny-cifar"))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_cifar, tmp_path_factory) -> Path:
-    return make_tiny_run(tiny_cifar, tmp_path_factory.mktemp("pretrain") / "run")
-
-
 # ------------------------------------------------------------------------------------ protocols
 
 

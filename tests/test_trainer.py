@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -25,15 +24,9 @@ TRAIN_PER_CLASS, TEST_PER_CLASS = 8, 4  # 80 train images: 10 steps an epoch at 
 
 
 @pytest.fixture(scope="module")
-def tiny_cifar(cifar10_dir, tmp_path_factory) -> Path:
-    """train/<class>/ with 8 and test/<class>/ with 4 of the real CIFAR-10 JPEGs of each class."""
-    root = tmp_path_factory.mktemp("tiny-cifar")
-    for split, n in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        for cls in sorted((cifar10_dir / split).iterdir()):
-            (root / split / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:n]:
-                shutil.copy(f, root / split / cls.name / f.name)
-    return root
+def tiny_cifar(cifar_subset) -> Path:
+    """8 train and 4 test real CIFAR-10 JPEGs of each class."""
+    return cifar_subset(TRAIN_PER_CLASS, TEST_PER_CLASS)
 
 
 def small(data: Path, out: Path, **changes) -> PretrainConfig:
