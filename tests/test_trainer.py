@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastse.checkpoints import latest_checkpoint, load_checkpoint
@@ -235,3 +236,36 @@ def test_run_log_writes_jsonl_and_resolves_wandb_mode(tmp_path, monkeypatch):
     netrc.chmod(0o600)
     assert wandb_mode("auto") == "online"
     assert wandb_mode("disabled") == "disabled"
+
+
+def _diverge_worker(rank: int, world: int, port: int, perturb: bool, out) -> None:
+    from fastse.engine.distributed import RanksDiverged, check_same_across_ranks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    if perturb and rank == 1:
+        with torch.no_grad():
+            teacher[1].bias[0] += 1e-6
+    try:
+        check_same_across_ranks(teacher)
+        out[rank] = "same"
+    except RanksDiverged as e:
+        out[rank] = str(e)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("perturb", [False, True])
+def test_diverged_teachers_stop_every_rank(perturb):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_diverge_worker, args=(2, port, perturb, out), nprocs=2, join=True)
+        results = dict(out)
+    if perturb:
+        assert all("teacher differs between ranks" in results[r] for r in (0, 1)), results
+    else:
+        assert results == {0: "same", 1: "same"}

@@ -107,3 +107,25 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     t = t.clone()
     dist.all_reduce(t)
     return t / world_size()
+
+
+class RanksDiverged(RuntimeError):
+    """Copies that every rank must hold identically (the teacher) differ between ranks."""
+
+
+@torch.no_grad()
+def check_same_across_ranks(module: nn.Module, what: str = "teacher") -> None:
+    """Raise RanksDiverged on every rank if `module`'s parameters differ between ranks.
+
+    Compares a float64 checksum (the sum, and a position-weighted sum, of each tensor's sums): one
+    small all-gather, no copies of the parameters. The released SE code drew its masks from each
+    process's unseeded host RNG, so its ranks' teachers drifted apart silently; this makes that loud."""
+    if world_size() == 1:
+        return
+    sums = torch.stack([p.sum(dtype=torch.float64) for p in module.parameters()])
+    weights = torch.arange(1, len(sums) + 1, dtype=torch.float64, device=sums.device)
+    local = torch.stack([sums.sum(), (sums * weights).sum()])
+    everyone = all_gather_cat(local[None])  # [world, 2]
+    if not bool((everyone == everyone[:1]).all()):
+        rows = ", ".join(f"rank {r}: {a:.17g}/{b:.17g}" for r, (a, b) in enumerate(everyone.tolist()))
+        raise RanksDiverged(f"the {what} differs between ranks (checksums {rows})")

@@ -205,6 +205,10 @@ class Trainer:
         if not np.isfinite(loss):
             raise TrainingError(f"the loss is {loss} at step {self.step} (epoch {epoch:.2f}): training diverged; "
                                 f"lower the learning rate (lr={c.lr} per 256 images) or check the data")
+        try:  # the teacher update draws the same masks on every rank: verify it while syncing anyway
+            ddp.check_same_across_ranks(self.method.teacher)
+        except ddp.RanksDiverged as e:
+            raise TrainingError(f"step {self.step}: {e}") from e
         elapsed = time.perf_counter() - window[1]
         img_s = steps * c.batch_size / elapsed if elapsed > 0 and steps else 0.0
         m = {"step": self.step, "epoch": epoch, "loss": loss,
