@@ -590,24 +590,6 @@ def augment_views(
     return (outs, records) if return_params else outs
 
 
-def augment(
-    batch: Tensor,
-    view: View,
-    *,
-    size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    generator: torch.Generator,
-    dtype: torch.dtype = torch.float32,
-    channels_last: bool = False,
-    return_params: bool = False,
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """One view of a uint8 batch: see augment_views."""
-    out = augment_views(batch, (view,), size=size, mean=mean, std=std, generator=generator, dtype=dtype,
-                        channels_last=channels_last, return_params=return_params)
-    return (out[0][0], out[1][0]) if return_params else out[0]
-
-
 # -------------------------------------------------------------------------------------- loader
 
 
