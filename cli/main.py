@@ -7,6 +7,7 @@ import sys
 import click
 from fastse.cli.evaluate import eval_linear, knn
 from fastse.cli.pretrain import pretrain
+from fastse.cli.semi import semi
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,6 +42,7 @@ def data_check(path: str, split: str | None, deep: bool) -> None:
 main.add_command(pretrain)
 main.add_command(eval_linear)
 main.add_command(knn)
+main.add_command(semi)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,80 @@
+"""`fastse semi`: FixMatch with an EMA, SE or STS teacher; a thin layer over `SemiConfig`.
+
+Settings come from the preset (if any), then from the flags given. Under torchrun every process
+runs this command with the same flags.
+"""
+
+from __future__ import annotations
+
+import click
+from fastse.cli.pretrain import _as_flags
+
+# the same lists as fastse.semi.config (kept literal so `fastse --help` does not import torch; a test checks them)
+PRESET_NAMES = ("fixmatch-cifar10", "fixmatch-cifar100")
+CHOICES = {
+    "dataset": ("cifar10", "cifar100"),
+    "smoothing": ("ema", "se", "sts"),
+    "granularity": ("tensor", "channel", "element"),
+    "buffers": ("copy", "ema"),
+    "wandb": ("auto", "online", "offline", "disabled"),
+}
+
+
+def _choice(name: str) -> click.Choice:
+    return click.Choice(CHOICES[name])
+
+
+@click.command("semi")
+@click.option("--preset", type=click.Choice(PRESET_NAMES),
+              help="FixMatch's CIFAR recipe (the default is fixmatch-cifar10's); other flags override it.")
+@click.option("--data", help="Class-folder tree with train/ and test/ (or val/), an archive of one, or cifar10/100.")
+@click.option("--dataset", type=_choice("dataset"), help="Use its published mean/std (and download it if no --data).")
+@click.option("--num-labels", type=int, help="Labeled training images, as many of each class [default: 4000].")
+@click.option("--split-seed", type=int, help="Seed of the labeled split [default: --seed].")
+@click.option("--depth", type=int, help="WRN depth [default: 28].")
+@click.option("--widen", type=int, help="WRN widening factor [default: 2; fixmatch-cifar100: 8].")
+@click.option("--labeled-batch", type=int, help="Labeled images a step, all processes [default: 64].")
+@click.option("--mu", type=int, help="Unlabeled images per labeled one [default: 7].")
+@click.option("--threshold", type=float, help="Confidence a pseudo-label needs [default: 0.95].")
+@click.option("--lambda-u", type=float, help="Weight of the unlabeled loss [default: 1].")
+@click.option("--teacher-targets/--student-targets", default=None,
+              help="Pseudo-labels from the smoothed teacher, or from the student as in FixMatch [default].")
+@click.option("--total-steps", type=int, help="K: the lr schedule is lr x cos(7 pi k / 16 K) [default: 2^20].")
+@click.option("--max-steps", type=int, help="Stop after N steps in total (checkpointed; the schedule keeps K).")
+@click.option("--lr", type=float, help="[default: 0.03]")
+@click.option("--weight-decay", type=float, help="Not on BN and biases [default: 5e-4; fixmatch-cifar100: 1e-3].")
+@click.option("--smoothing", type=_choice("smoothing"), help="Teacher update [default: sts].")
+@click.option("--keep-prob", type=float, help="P(keep a teacher fragment), se/sts [default: 0.5].")
+@click.option("--momentum", type=float, help="Teacher momentum [default: 0.999].")
+@click.option("--granularity", type=_choice("granularity"), help="Fragment size [default: tensor].")
+@click.option("--buffers", type=_choice("buffers"), help="Teacher BN statistics from the student's [default: copy].")
+@click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto].")
+@click.option("--compile/--no-compile", default=None, help="torch.compile the models and loss [default: on CUDA].")
+@click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels.")
+@click.option("--seed", type=int)
+@click.option("--eval-every", type=int, help="Steps between test-set evaluations [default: 1024].")
+@click.option("--log-every", type=int, help="Steps between metrics lines [default: 100].")
+@click.option("--ckpt-every", type=int, help="Steps between checkpoints [default: 4096].")
+@click.option("--out", help="Run folder: metrics.jsonl, labeled_split.json, checkpoints/ [default: runs/semi].")
+@click.option("--cache-dir", help="Extracted archives and decoded arrays [default: $FASTSE_CACHE or ~/.cache/fastse].")
+@click.option("--wandb", type=_choice("wandb"), help="[default: auto: online with credentials, else offline]")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+def semi(preset: str | None, resume: bool, **flags) -> None:
+    """Semi-supervised FixMatch whose evaluation model is an EMA / SE / STS teacher."""
+    from fastse.semi.config import SemiConfig
+    from fastse.semi.config import preset as get_preset
+    from fastse.semi.trainer import SemiTrainer, TrainingError
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        config = get_preset(preset, **given) if preset else SemiConfig(**given)
+        config.validate()
+        trainer = SemiTrainer(config, resume=resume)
+    except (ValueError, ImportError) as e:  # bad flags, data, checkpoints, or a missing backend
+        raise click.UsageError(_as_flags(str(e), flags)) from None
+    try:
+        result = trainer.fit()
+    except TrainingError as e:
+        raise click.ClickException(str(e)) from None
+    if trainer.env.is_main:
+        click.echo(f"checkpoint: {result['checkpoint']}")

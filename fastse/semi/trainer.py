@@ -1,0 +1,314 @@
+"""The FixMatch loop: data, student and smoothed teacher, optimizer, DDP, compile, evaluation, checkpoints.
+
+One step: a labeled batch (weak view), an unlabeled batch (weak + strong views) -> one student forward
+of all three (bf16 autocast on CUDA) -> `fixmatch_loss` -> backward -> SGD step -> `Smoother.step`
+(the teacher update: parameters smoothed, BN statistics copied or averaged from the student). The
+loss terms are summed on the device and read, with the teacher statistics, every `log_every` steps.
+Every `eval_every` steps both models are evaluated on the test set (sharded over the ranks); the
+result reports the last accuracies and the median of the last 20 evaluations (FixMatch's way). Every
+`ckpt_every` steps and at the end rank 0 writes a checkpoint, each after a log line has found the loss
+finite and the ranks' teachers equal; `resume=True` continues from the newest one exactly where it
+stopped (bit-identically on CPU with `deterministic`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastse import checkpoints as ckpt
+from fastse.engine import distributed as ddp
+from fastse.engine.logging import RunLog
+from fastse.engine.optim import set_lr
+from fastse.engine.runs import changed_fields, find_checkpoint, set_determinism
+from fastse.models import WideResNet
+from fastse.pipelines.datasets import SPLIT_FILE, save_split
+from fastse.semi.config import SemiConfig
+from fastse.semi.data import Batch, SemiData, build_data
+from fastse.semi.fixmatch import STATS, FixMatch, build_optimizer, fixmatch_loss, fixmatch_lr
+from fastse.smoothing import Smoother
+
+MEDIAN_OF = 20  # evaluations in the reported median
+# fields that may change between a run and its resumption without changing what is trained
+_RESUMABLE = frozenset({"max_steps", "out", "wandb", "wandb_project", "log_every", "eval_every", "ckpt_every",
+                        "keep_ckpts", "device", "cache_dir", "compile", "data"})
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+def train(config: SemiConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run `config` (under torchrun: on every process) and return the final metrics."""
+    return SemiTrainer(config, resume=resume).fit()
+
+
+class SemiTrainer:
+    """Builds everything in `__init__` (joining the torchrun process group, if any); `fit` trains."""
+
+    def __init__(self, config: SemiConfig, *, resume: bool = False):
+        self.owns_group = not (dist.is_available() and dist.is_initialized())
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.env = env = ddp.init_distributed(config.device)
+        self.config = c = config.validate(env.world_size)
+        self.out = Path(c.out)
+        self.cuda = env.device.type == "cuda"
+        set_determinism(c.deterministic, self.cuda)
+        start = find_checkpoint(self.out, resume, self.print)
+        if start is not None and (changed := changed_fields(start[1]["config"], c.to_dict(), _RESUMABLE)):
+            self.print(f"resuming with changed settings: {changed}")
+
+        self.amp_dtype = torch.bfloat16 if self.cuda and c.dtype == "bf16" else None
+        saved_split = self.out / SPLIT_FILE if start is not None else None
+        data = None
+        for first in (True, False):  # local rank 0 downloads, decodes and caches first; the others reuse it
+            if (env.local_rank == 0) == first:
+                data = build_data(c, env, self.amp_dtype or torch.float32, saved_split=saved_split)
+            ddp.barrier()
+        self.data: SemiData = data
+        if len(data.split) != c.num_labels:
+            raise ckpt.CheckpointError(f"{saved_split} holds {len(data.split)} labeled images, the run asks for "
+                                       f"num_labels={c.num_labels}")
+        if start is None and env.is_main:
+            save_split(self.out / SPLIT_FILE, data.split, data.train.files)
+        self.stop_step = min(c.total_steps, c.max_steps or c.total_steps)
+
+        torch.manual_seed(c.seed)
+        student = WideResNet(data.num_classes, c.depth, c.widen).to(env.device)
+        if c.channels_last:
+            student.to(memory_format=torch.channels_last)
+        for t in student.state_dict().values():  # one initial state everywhere
+            ddp.broadcast_(t)
+        self.model = FixMatch(student, threshold=c.threshold, lambda_u=c.lambda_u,
+                              teacher_targets=c.teacher_targets).train()
+        self.optimizer = build_optimizer(student, lr=c.lr, momentum=c.sgd_momentum, weight_decay=c.weight_decay,
+                                         fused=True if self.cuda else None)
+        self.smoother = Smoother(student, self.model.teacher, rule=c.smoothing, keep_prob=c.keep_prob,
+                                 momentum=c.momentum, granularity=c.granularity, buffers=c.buffers, seed=c.seed)
+        self.step, self.evals = 0, []
+        if start is not None:
+            self._load(*start)
+        steps = ddp.all_gather_cat(torch.tensor([self.step], device=env.device))
+        if not bool((steps == self.step).all()):
+            raise ckpt.CheckpointError(f"the processes start at different steps {steps.tolist()}: {self.out} must be "
+                                       "a folder that every node reads (shared storage)")
+
+        train_student, teacher = student, self.model.teacher
+        if env.world_size > 1:
+            train_student = torch.nn.parallel.DistributedDataParallel(
+                student, device_ids=[env.device.index] if self.cuda else None, gradient_as_bucket_view=True)
+        self.compiled = self.cuda if c.compile is None else c.compile
+        self.eval_student = student  # evaluated without DDP (no collectives in its forward)
+        if self.compiled:  # static shapes: each graph (student train and eval, teacher, loss) is compiled once
+            compile_ = lambda f: torch.compile(f, dynamic=False)
+            self.eval_student = compile_(student)
+            train_student = self.eval_student if env.world_size == 1 else compile_(train_student)
+            teacher = compile_(teacher)
+            self.model.wrap(loss=compile_(fixmatch_loss))
+        self.model.wrap(student=train_student, teacher=teacher)
+        self.log = RunLog(self.out, c.to_dict(), wandb=c.wandb, project=c.wandb_project, enabled=env.is_main)
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        c, env = self.config, self.env
+        resumed = f" | resumed at step {self.step}" if self.step else ""
+        self.print(f"semi fixmatch+{c.smoothing} WRN-{c.depth}-{c.widen} | {self.data.summary} | {env.world_size} "
+                   f"process(es) on {env.device} | batch {c.labeled_batch} labeled + {c.unlabeled_batch} unlabeled "
+                   f"| {self.stop_step} of {c.total_steps} steps{resumed}")
+        result: dict[str, Any] = {"run_dir": str(self.out)}
+        sums, n = torch.zeros(len(STATS), device=env.device), 0
+        window = (self.step, time.perf_counter())  # (step, time) where the current steps/s window starts
+        first_step = self.step
+        saved = self.step if self.step else None  # a resumed run starts at its checkpoint
+        evaluated = self.evals[-1]["step"] if self.evals else None
+        batches = self.data.batches(self.step)
+        try:
+            while self.step < self.stop_step:
+                sums += self.train_step(next(batches))
+                self.step, n = self.step + 1, n + 1
+                if self.step == first_step + 1:
+                    result["first_step_s"] = self._first_step_done(window[1])
+                    window = (self.step, time.perf_counter())
+                last, save = self.step == self.stop_step, self.step % c.ckpt_every == 0
+                if self.step % c.log_every == 0 or last or save:  # a checkpoint only after a finite loss
+                    result.update(self._log_interval(sums / n, window))
+                    sums.zero_()
+                    n, window = 0, (self.step, time.perf_counter())
+                if self.step % c.eval_every == 0 or last:
+                    result.update(self._evaluate())
+                    evaluated = self.step
+                if save or last:
+                    result["checkpoint"] = self._save()
+                    saved = self.step
+                if evaluated == self.step or saved == self.step:
+                    window = (self.step, time.perf_counter())  # steps/s counts training only
+            if evaluated != self.step:  # a run resumed at its end
+                result.update(self._evaluate())
+            if saved != self.step:
+                result["checkpoint"] = self._save()
+            result.update(self._report())
+            return result
+        finally:
+            self.log.close()
+            if self.owns_group:
+                ddp.cleanup()
+
+    def train_step(self, batch: Batch) -> Tensor:
+        """One optimisation step and teacher update; returns the `STATS` vector (on the device, detached)."""
+        set_lr(self.optimizer, fixmatch_lr(self.step, self.config.total_steps, self.config.lr))
+        with self._autocast():
+            loss, stats = self.model(*batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.smoother.step()
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1 accuracy (%) of teacher and student on the whole test set (each rank its shard), in eval
+        mode. Every rank first takes rank 0's BN statistics, so the models measured are rank 0's."""
+        ddp.broadcast_buffers(self.model)
+        self.model.student.eval()
+        correct = torch.zeros(2, dtype=torch.int64, device=self.env.device)
+        d = self.data
+        try:
+            with self._autocast():
+                for x, y in zip(d.test_images.split(d.eval_batch), d.test_labels.split(d.eval_batch)):
+                    for i, net in enumerate((self.model.teacher_fn, self.eval_student)):
+                        correct[i] += (net(x).argmax(1) == y).sum()
+        finally:
+            self.model.student.train()
+        if self.env.world_size > 1:
+            dist.all_reduce(correct)
+        teacher, student = (100.0 * v / d.n_test for v in correct.tolist())
+        return {"teacher_acc": teacher, "student_acc": student}
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def _first_step_done(self, started: float) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        what = "torch.compile of student, teacher and loss + first step" if self.compiled else "first step"
+        self.print(f"{what}: {seconds:.1f} s")
+        self.log.log({"step": self.step, "first_step_s": seconds, "compiled": self.compiled})
+        return seconds
+
+    def _log_interval(self, means: Tensor, window: tuple[int, float]) -> dict[str, Any]:
+        """Read the mean loss terms since the last line and the teacher statistics (the host sync), check
+        them, write one metrics line; steps/s over `window` = (first step, its start time)."""
+        c = self.config
+        values = dict(zip(STATS, ddp.all_reduce_mean(means).tolist()))
+        if not np.isfinite(values["loss"]):
+            raise TrainingError(f"the loss is {values['loss']} at step {self.step}: training diverged; lower the "
+                                f"learning rate (lr={c.lr}) or check the data")
+        try:  # the teacher update draws the same masks on every rank: verify it while syncing anyway
+            ddp.check_same_across_ranks(self.model.teacher)
+        except ddp.RanksDiverged as e:
+            raise TrainingError(f"step {self.step}: {e}") from e
+        elapsed, steps = time.perf_counter() - window[1], self.step - window[0]
+        rate = steps / elapsed if elapsed > 0 and steps else 0.0
+        correct = values.pop("correct")
+        m = {"step": self.step, **values, "pseudo_acc": correct / values["mask"] if values["mask"] else 0.0,
+             "lr": fixmatch_lr(self.step - 1, c.total_steps, c.lr), **_teacher_stats(self.smoother),
+             "steps_per_s": rate, "img_per_s": rate * (c.labeled_batch + c.unlabeled_batch)}
+        if rate:
+            m["eta_s"] = (self.stop_step - self.step) / rate
+        self.log.log(m)
+        self.print(_progress_line(m, self.stop_step))
+        return {"loss": m["loss"], "steps_per_s": rate}
+
+    def _evaluate(self) -> dict[str, float]:
+        started = time.perf_counter()
+        acc = self.evaluate()
+        self.evals.append({"step": self.step, **acc})
+        seconds = time.perf_counter() - started
+        self.log.log({"step": self.step, **acc, "eval_s": seconds})
+        self.print(f"step {self.step}: test top-1 teacher {acc['teacher_acc']:.2f}% student {acc['student_acc']:.2f}% "
+                   f"({seconds:.1f} s)")
+        return acc
+
+    def _report(self) -> dict[str, Any]:
+        """The final line: last accuracies and the medians of the last `MEDIAN_OF` evaluations."""
+        last = self.evals[-MEDIAN_OF:]
+        r = {"step": self.step, "teacher_acc": last[-1]["teacher_acc"], "student_acc": last[-1]["student_acc"],
+             "teacher_acc_median": statistics.median(e["teacher_acc"] for e in last),
+             "student_acc_median": statistics.median(e["student_acc"] for e in last), "evaluations": len(last)}
+        self.log.log({**r, "final": True})
+        if self.env.world_size > 1:
+            try:
+                ddp.check_same_across_ranks(self.model.teacher)
+            except ddp.RanksDiverged as e:
+                raise TrainingError(f"step {self.step}: {e}") from e
+            self.print(f"teacher parameters identical on all {self.env.world_size} processes (compared every "
+                       f"{self.config.log_every} steps and at the end)")
+        self.print(f"final at step {self.step}: teacher ({self.config.smoothing}) top-1 {r['teacher_acc']:.2f}% "
+                   f"(median of the last {len(last)} evaluations {r['teacher_acc_median']:.2f}%), student "
+                   f"{r['student_acc']:.2f}% (median {r['student_acc_median']:.2f}%)")
+        return r
+
+    def print(self, text: str) -> None:
+        if self.env.is_main:
+            print(text, flush=True)
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def _save(self) -> str:
+        """Checkpoint the current step. Rank 0 writes; every rank first takes rank 0's BN statistics
+        (each rank accumulates its own), so all hold the saved state."""
+        ddp.broadcast_buffers(self.model)
+        path = ""
+        if self.env.is_main:
+            opt_tensors, opt_layout = ckpt.optimizer_to_tensors(self.optimizer)
+            groups = {"student": self.model.student.state_dict(), "teacher": self.model.teacher.state_dict(),
+                      "optimizer": opt_tensors, "rng": ckpt.rng_state()}
+            meta = {"config": self.config.to_dict(), "step": self.step, "world_size": self.env.world_size,
+                    "smoother": self.smoother.state_dict(), "optimizer_layout": opt_layout, "evals": self.evals}
+            path = str(ckpt.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
+        ddp.barrier()
+        return path
+
+    def _load(self, path: Path, meta: dict) -> None:
+        groups, meta = ckpt.load_checkpoint(path, device=self.env.device)  # checksums verified
+        self.model.student.load_state_dict(groups["student"])
+        self.model.teacher.load_state_dict(groups["teacher"])
+        ckpt.optimizer_from_tensors(self.optimizer, groups["optimizer"], meta["optimizer_layout"])
+        self.smoother.load_state_dict(meta["smoother"])
+        ckpt.set_rng_state(groups["rng"])
+        self.step, self.evals = int(meta["step"]), list(meta["evals"])
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _teacher_stats(smoother: Smoother) -> dict[str, float]:
+    s = smoother.stats(distance=True)
+    return {k: s[k] for k in ("updated_fraction", "distance") if k in s}
+
+
+def _progress_line(m: dict[str, Any], total_steps: int) -> str:
+    """step, loss (labeled + unlabeled terms), mask rate, pseudo-label accuracy, lr, teacher, speed, ETA."""
+    parts = [f"step {m['step']}/{total_steps}", f"loss {m['loss']:.4f} (x {m['loss_x']:.4f} u {m['loss_u']:.4f})",
+             f"mask {m['mask']:.3f}", f"pl-acc {m['pseudo_acc']:.3f}", f"lr {m['lr']:.4g}"]
+    if "updated_fraction" in m:
+        parts.append(f"upd {m['updated_fraction']:.2f}")
+    parts += [f"dist {m['distance']:.4f}", f"{m['steps_per_s']:.1f} steps/s"]
+    if "eta_s" in m:
+        s = int(m["eta_s"])
+        parts.append(f"eta {s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"eta {s // 60}m{s % 60:02d}s")
+    return " | ".join(parts)
