@@ -6,7 +6,8 @@ metadata (config, epoch, smoother state, optimizer layout) plus "format", "step"
 sha256), "fastse_version" and "time". It is written into a hidden temp folder beside it, every file
 and the folder fsynced, then renamed into place and the parent fsynced: a crash at any moment leaves
 either the whole checkpoint or none. `latest_checkpoint` verifies the checksums and falls back past
-a torn or corrupt one. One process writes a run folder (rank 0 under DDP).
+a torn or corrupt one. One process writes a run folder (rank 0 under DDP). `check_run_dir` tells,
+before training starts, whether the run folder can be written and has room for a checkpoint.
 
 Also: flat tensor encodings of optimizer and RNG states (safetensors holds tensors only, and nothing
 here unpickles), and `backbone.safetensors`, the export that loads into a plain torchvision ResNet.
@@ -45,8 +46,8 @@ _STEP_DIR = re.compile(r"step-(\d{9,})")
 _GROUP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 __all__ = [
-    "CheckpointError", "save_checkpoint", "latest_checkpoint", "load_checkpoint", "optimizer_to_tensors",
-    "optimizer_from_tensors", "rng_state", "set_rng_state", "export_backbone", "load_backbone",
+    "CheckpointError", "check_run_dir", "save_checkpoint", "latest_checkpoint", "load_checkpoint",
+    "optimizer_to_tensors", "optimizer_from_tensors", "rng_state", "set_rng_state", "export_backbone", "load_backbone",
 ]
 
 
@@ -145,6 +146,32 @@ def save_checkpoint(
     _fsync_dir(folder)
     _prune(folder, keep, final)
     return final
+
+
+def check_run_dir(run_dir: str | Path, checkpoint_bytes: int, *, keep: int = 1) -> None:
+    """Fail fast, before any training, where checkpoints of about `checkpoint_bytes` each could not be
+    written to `run_dir`: CheckpointError (naming the folder) unless it can be created and a file
+    written into it (a probe, fsynced and removed) and its file system has room for one checkpoint;
+    a warning where fewer than the `keep` + 1 a long run needs fit (the newest is written before the
+    oldest is removed; checkpoints already there count)."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            _write_synced(probe, b"fastse")
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{run_dir}: the run folder cannot be written ({e.strerror or e})") from None
+    free, mib = shutil.disk_usage(run_dir).free, 1 << 20
+    if free < checkpoint_bytes:
+        raise CheckpointError(f"{run_dir}: {free / mib:,.0f} MiB free on its disk, but one checkpoint needs about "
+                              f"{checkpoint_bytes / mib:,.0f} MiB")
+    have = min(len(_step_dirs(run_dir / "checkpoints")), keep)
+    if free < (keep + 1 - have) * checkpoint_bytes:
+        log.warning("%s: %.0f MiB free holds %d checkpoints of about %.0f MiB; keeping %d needs %d more",
+                    run_dir, free / mib, free // checkpoint_bytes, checkpoint_bytes / mib, keep, keep + 1 - have)
 
 
 def _step_dirs(folder: Path) -> list[tuple[int, Path]]:

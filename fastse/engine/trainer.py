@@ -7,6 +7,18 @@ statistics, only every `log_every` steps. Every `ckpt_every` epochs and at the e
 checkpoint (student, teacher, optimizer, queue, RNG, smoother); `resume=True` continues from the
 newest one exactly where it stopped (bit-identically on CPU with `deterministic`). At the end the
 teacher's backbone is exported to `backbone.safetensors` and measured by the kNN monitor.
+
+Faults. Before joining the process group or touching a GPU, every rank checks the settings, that a
+resumed folder holds a run of the same method and model, and that the run folder can be written and
+has room for a checkpoint (`checkpoints.check_run_dir`); the data is checked (`scan_image_folder`)
+before any model is built. A non-finite loss stops the run (`TrainingError` naming the first step
+whose loss was not finite; `LossMeter` spots it on the device without a sync) at the next log line
+or checkpoint, whichever comes first: every checkpoint write first verifies the losses since the last
+check, that student, teacher and queue hold only finite values (`check_finite`) and that the ranks'
+teachers agree, so a poisoned or diverged teacher is never saved and the newest checkpoint stays the
+last good one. We stop rather than skip such steps: by the time the host sees the loss, the
+optimizer and the teacher have already taken it in, and skipping would cost a sync every step. A
+rank that raises tells the others, which end within about a second (`distributed.abort`).
 """
 
 from __future__ import annotations
@@ -14,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +48,59 @@ from fastse.smoothing import Smoother, cosine_momentum
 # fields that may change between a run and its resumption without changing what is trained
 _RESUMABLE = frozenset({"max_steps", "out", "wandb", "wandb_project", "log_every", "knn_every", "ckpt_every",
                         "keep_ckpts", "device", "loader", "cache_dir", "compile", "data"})
+# fields a resumed run must share with its checkpoint: the model, optimizer and teacher rule it holds
+_FIXED = ("method", "arch", "cifar_stem", "proj_hidden_dim", "proj_dim", "pred_hidden_dim", "queue_size",
+          "optimizer", "smoothing", "keep_prob", "granularity", "buffers")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+class LossMeter:
+    """Per-step losses summed on the device, and the first step whose loss was not finite (NaN or
+    Inf), both without a host sync; `mean` and `check` read them (on every rank: collectives)."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.count = 0
+
+    def add(self, loss: Tensor, step: int) -> None:
+        """Count `loss` (a scalar tensor) as the loss of step `step`."""
+        self.sum += loss
+        self.count += 1
+        self.first_bad = torch.where(loss.isfinite() | (self.first_bad >= 0), self.first_bad, step)
+
+    def check(self, step: int) -> None:
+        """Raise TrainingError on every rank if any rank's loss was not finite since the run began
+        (`step`: the current step, for the message)."""
+        bad = ddp.all_gather_cat(self.first_bad[None])
+        bad = bad[bad >= 0]
+        if bad.numel():
+            raise TrainingError(f"the loss is not finite from step {int(bad.min())} on (found at step {step}): "
+                                "training diverged")
+
+    def mean(self, step: int) -> float:
+        """The mean loss over the ranks and the steps since the last call (then reset), after `check`."""
+        self.check(step)
+        mean = float(ddp.all_reduce_mean(self.sum / max(self.count, 1)))
+        self.sum.zero_()
+        self.count = 0
+        return mean
+
+
+@torch.no_grad()
+def check_finite(state: dict[str, Tensor], *, step: int, what: str = "the model") -> None:
+    """Raise TrainingError on every rank if a floating-point tensor of `state` (on any rank) holds a
+    NaN or Inf, naming the first; one host sync and one small collective."""
+    names = [k for k, t in state.items() if t.is_floating_point()]
+    if not names:
+        return
+    ok = torch.stack([state[k].isfinite().all() for k in names])
+    if bool(ddp.all_reduce_mean((~ok).any().float()) > 0):
+        first = names[int((~ok).int().argmax())] if not bool(ok.all()) else "on another rank"
+        raise TrainingError(f"step {step}: {what} holds non-finite values ({first})")
 
 
 def train(config: PretrainConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -52,14 +115,28 @@ class Trainer:
         self.owns_group = not (dist.is_available() and dist.is_initialized())
         if config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.env = env = ddp.init_distributed(config.device)
-        self.config = config.validate(env.world_size)
+        # every rank checks everything it can before joining the group or touching a GPU
+        self.env = ddp.launch_env(config.device)
+        self.config = config.validate(self.env.world_size)
         self.out = Path(config.out)
-        self.cuda = env.device.type == "cuda"
+        self.cuda = self.env.device.type == "cuda"
         if config.syncbn and not self.cuda:
             raise ValueError("syncbn=True needs CUDA devices (SyncBatchNorm)")
-        _set_determinism(config.deterministic, self.cuda)
         start = self._find_checkpoint(resume)
+        ckpt.check_run_dir(self.out, checkpoint_bytes(config), keep=config.keep_ckpts)
+        self.env = ddp.init_distributed(config.device)
+        try:
+            self._build(start)
+        except BaseException as e:
+            ddp.abort(e)
+            if self.owns_group:
+                ddp.cleanup()
+            raise
+
+    def _build(self, start: tuple[Path, dict] | None) -> None:
+        """In the group: data (checked), method, optimizer, smoother, the resumed state, wrappers, run log."""
+        config, env = self.config, self.env
+        _set_determinism(config.deterministic, self.cuda)
         if start is not None and (changed := _changed_fields(start[1]["config"], config)):
             self.print(f"resuming with changed settings: {changed}")
 
@@ -75,7 +152,9 @@ class Trainer:
         self.stop_step = min(self.total_steps, config.max_steps or self.total_steps)
         self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
 
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # and the global RNGs that checkpoints hold: every run starts alike
+        random.seed(config.seed)
+        np.random.seed(config.seed)
         method = build_method(config)
         method.to(env.device)
         if config.channels_last:
@@ -116,7 +195,7 @@ class Trainer:
                    f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, peak lr {c.scaled_lr:.4g}"
                    + (f" | resumed at step {self.step}" if self.step else ""))
         result: dict[str, Any] = {"run_dir": str(self.out)}
-        loss_sum, n_loss = torch.zeros((), device=env.device), 0
+        self.losses = LossMeter(env.device)
         window = (self.step, time.perf_counter())  # (step, time) where the current img/s window starts
         first_step = self.step
         saved_at = None
@@ -128,15 +207,15 @@ class Trainer:
                 for i, (views, _) in enumerate(self.train_loader):
                     if i < skip:
                         continue
-                    loss_sum += self.train_step(views)
-                    self.step, n_loss = self.step + 1, n_loss + 1
+                    loss = self.train_step(views)
+                    self.step += 1
+                    self.losses.add(loss, self.step)  # steps count from 1, as in the log lines
                     if self.step == first_step + 1:
                         result["first_step_s"] = self._first_step_done(window[1])
                         window = (self.step, time.perf_counter())
                     if self.step % c.log_every == 0 or self.step == self.stop_step:
-                        result.update(self._log_interval(loss_sum / n_loss, window))
-                        loss_sum.zero_()
-                        n_loss, window = 0, (self.step, time.perf_counter())
+                        result.update(self._log_interval(window))
+                        window = (self.step, time.perf_counter())
                     if self.step == self.stop_step:
                         break
                 if self.step % self.steps_per_epoch == 0:  # a whole epoch
@@ -157,6 +236,9 @@ class Trainer:
                 self.print(f"teacher kNN top-1 {result['knn_top1']:.2f}% top-5 {result['knn_top5']:.2f}% "
                            f"(k={c.knn_k}) at step {self.step}")
             return result
+        except BaseException as e:
+            ddp.abort(e)
+            raise
         finally:
             self.log.close()
             if self.owns_group:
@@ -195,20 +277,14 @@ class Trainer:
         self.log.log({"step": self.step, "first_step_s": seconds, "compiled": self.compiled})
         return seconds
 
-    def _log_interval(self, loss: Tensor, window: tuple[int, float]) -> dict[str, Any]:
+    def _log_interval(self, window: tuple[int, float]) -> dict[str, Any]:
         """Read the mean loss since the last line and the teacher statistics (the host sync), check
         them, write one metrics line; img/s over `window` = (first step, its start time)."""
         c = self.config
         steps = self.step - window[0]
-        loss = float(ddp.all_reduce_mean(loss))
         epoch = self.step / self.steps_per_epoch
-        if not np.isfinite(loss):
-            raise TrainingError(f"the loss is {loss} at step {self.step} (epoch {epoch:.2f}): training diverged; "
-                                f"lower the learning rate (lr={c.lr} per 256 images) or check the data")
-        try:  # the teacher update draws the same masks on every rank: verify it while syncing anyway
-            ddp.check_same_across_ranks(self.method.teacher)
-        except ddp.RanksDiverged as e:
-            raise TrainingError(f"step {self.step}: {e}") from e
+        loss = self._checked(lambda: self.losses.mean(self.step))
+        self._checked(lambda: ddp.check_same_across_ranks(self.method.teacher))  # same masks everywhere: verify it
         elapsed = time.perf_counter() - window[1]
         img_s = steps * c.batch_size / elapsed if elapsed > 0 and steps else 0.0
         m = {"step": self.step, "epoch": epoch, "loss": loss,
@@ -246,24 +322,53 @@ class Trainer:
         if self.env.is_main:
             print(text, flush=True)
 
+    def _checked(self, check: Callable[[], Any]) -> Any:
+        """`check()`; its failure (TrainingError, RanksDiverged) re-raised as a TrainingError that also
+        names the step, the checkpoint that stays the newest and what to do."""
+        try:
+            return check()
+        except (TrainingError, ddp.RanksDiverged) as e:
+            latest = ckpt.latest_checkpoint(self.out, verify=False) if self.out.is_dir() else None
+            kept = f"the newest checkpoint stays {latest}" if latest else "no checkpoint was written"
+            if isinstance(e, ddp.RanksDiverged):
+                raise TrainingError(f"step {self.step}: {e}; {kept}") from e
+            raise TrainingError(f"{e}; {kept}; lower the learning rate (lr={self.config.lr} per 256 images) "
+                                "or check the data") from e
+
     # ----------------------------------------------------------------------------- checkpoints
 
     def _find_checkpoint(self, resume: bool) -> tuple[Path, dict] | None:
-        """(path, meta) of the checkpoint to resume from; refuses to overwrite another run's checkpoints."""
+        """(path, meta) of the newest complete checkpoint to resume from (checksums verified); refuses
+        to overwrite another run's checkpoints, to start afresh over damaged ones, and to resume a run
+        of another method or model."""
         latest = ckpt.latest_checkpoint(self.out) if self.out.is_dir() else None
         if latest is None:
+            if damaged := sorted(p.name for p in (self.out / "checkpoints").glob("step-*")):
+                raise ckpt.CheckpointError(f"{self.out}: none of its checkpoints is complete ({', '.join(damaged)}): "
+                                           "remove them to start afresh, or choose another output folder")
             if resume:
                 self.print(f"--resume: no checkpoint in {self.out}, starting from scratch")
             return None
         if not resume:
             raise ckpt.CheckpointError(f"{self.out} already holds checkpoints ({latest.name}): "
                                        "resume it (--resume) or choose another output folder")
-        return latest, json.loads((latest / ckpt.META).read_text())
+        meta = json.loads((latest / ckpt.META).read_text())
+        saved, now = meta.get("config", {}), self.config.to_dict()
+        if differ := [k for k in _FIXED if saved.get(k) != now[k]]:
+            was, asked = (", ".join(f"{k}={d.get(k)!r}" for k in differ) for d in (saved, now))
+            raise ckpt.CheckpointError(f"--resume: {self.out} holds a run with {was}, this one has {asked}: "
+                                       "resume with the run's settings or choose another output folder")
+        return latest, meta
 
     def _save(self) -> str:
         """Checkpoint the current step. Rank 0 writes; every rank first takes rank 0's buffers (BN
-        statistics, which each rank accumulates from its own batches), so all hold the saved state."""
+        statistics, which each rank accumulates from its own batches), so all hold the saved state.
+        Nothing is written unless the losses since the last check were finite, the state to save is
+        finite and the ranks' teachers agree (else TrainingError on every rank)."""
         ddp.broadcast_buffers(self.method)
+        self._checked(lambda: self.losses.check(self.step))
+        self._checked(lambda: check_finite(self.method.state_dict(), step=self.step, what="the checkpoint"))
+        self._checked(lambda: ddp.check_same_across_ranks(self.method.teacher))
         path = ""
         if self.env.is_main:
             opt_tensors, opt_layout = ckpt.optimizer_to_tensors(self.optimizer)
@@ -274,7 +379,12 @@ class Trainer:
             meta = {"config": self.config.to_dict(), "step": self.step, "epoch": self.step / self.steps_per_epoch,
                     "steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size,
                     "smoother": self.smoother.state_dict(), "optimizer_layout": opt_layout}
-            path = str(ckpt.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
+            try:
+                path = str(ckpt.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
+            except OSError as e:  # e.g. the disk filled up: the half-written folder is gone, older ones are intact
+                latest = ckpt.latest_checkpoint(self.out, verify=False)
+                raise TrainingError(f"step {self.step}: the checkpoint could not be written ({e}); the newest "
+                                    f"checkpoint, {latest}, is kept: make room and continue with --resume") from e
         ddp.barrier()
         return path
 
@@ -299,6 +409,17 @@ class Trainer:
 def _stats(smoother: Smoother) -> dict[str, float]:
     s = smoother.stats(distance=True)
     return {k: s[k] for k in ("updated_fraction", "distance") if k in s}
+
+
+def checkpoint_bytes(config: PretrainConfig) -> int:
+    """About the bytes of one checkpoint of `config`'s run plus its backbone export: the method's
+    state (student, teacher, queue), one optimizer buffer per trained parameter (SGD and LARS
+    momentum) and the teacher's backbone. Counted on the meta device: no memory, no GPU."""
+    with torch.device("meta"):
+        method = build_method(config)
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
+    trained = [p for p in method.student.parameters() if p.requires_grad]
+    return size(method.state_dict().values()) + size(trained) + size(method.backbone.state_dict().values())
 
 
 def _set_determinism(on: bool, cuda: bool) -> None:
