@@ -181,6 +181,10 @@ def test_two_process_gloo_ddp_keeps_identical_teachers(tiny_cifar, tmp_path):
     assert torch.equal(r0["queue"], r1["queue"])
     groups, meta = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert meta["world_size"] == 2 and meta["step"] == 6
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [m["teacher_checksum"] for m in lines if "loss" in m]  # at every metrics line
+    assert logged and all(len(c) == 2 for c in logged)
+    assert [m["step"] for m in lines if m.get("teacher_bit_identical")] == [6]  # and every byte at the end
     assert all(torch.equal(groups["teacher"][k], r0["teacher"][k]) for k in r0["teacher"])
 
 
@@ -238,34 +242,40 @@ def test_run_log_writes_jsonl_and_resolves_wandb_mode(tmp_path, monkeypatch):
     assert wandb_mode("disabled") == "disabled"
 
 
-def _diverge_worker(rank: int, world: int, port: int, perturb: bool, out) -> None:
+def _diverge_worker(rank: int, world: int, port: int, fault: str, out) -> None:
     from fastse.engine.distributed import RanksDiverged, check_same_across_ranks
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    if perturb and rank == 1:
-        with torch.no_grad():
+    with torch.no_grad():
+        for p in teacher.parameters():  # small integers: every sum is exact, whatever the order
+            p.copy_(torch.randint(-8, 8, p.shape))
+        if rank == 1 and fault == "perturb":
             teacher[1].bias[0] += 1e-6
+        if rank == 1 and fault == "swap":  # same sums, different bytes: only the exact check sees it
+            w = teacher[0].weight
+            w[0, 0], w[0, 1] = w[0, 1].item() + 1, w[0, 0].item() - 1
     try:
-        check_same_across_ranks(teacher)
-        out[rank] = "same"
+        out[rank] = check_same_across_ranks(teacher, exact=True)
     except RanksDiverged as e:
         out[rank] = str(e)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("perturb", [False, True])
-def test_diverged_teachers_stop_every_rank(perturb):
+@pytest.mark.parametrize("fault", ["none", "perturb", "swap"])
+def test_diverged_teachers_stop_every_rank(fault):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_diverge_worker, args=(2, port, perturb, out), nprocs=2, join=True)
+        mp.spawn(_diverge_worker, args=(2, port, fault, out), nprocs=2, join=True)
         results = dict(out)
-    if perturb:
+    if fault == "perturb":
         assert all("teacher differs between ranks" in results[r] for r in (0, 1)), results
+    elif fault == "swap":
+        assert all("differs bitwise from rank 0" in results[r] for r in (0, 1)), results
     else:
-        assert results == {0: "same", 1: "same"}
+        assert results[0] == results[1] and isinstance(results[0], tuple), results  # the shared checksum

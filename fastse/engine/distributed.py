@@ -141,21 +141,35 @@ class RanksDiverged(RuntimeError):
 
 
 @torch.no_grad()
-def check_same_across_ranks(module: nn.Module, what: str = "teacher") -> None:
-    """Raise RanksDiverged on every rank if `module`'s parameters differ between ranks.
+def check_same_across_ranks(module: nn.Module, what: str = "teacher", *, exact: bool = False
+                            ) -> tuple[float, float] | None:
+    """Raise RanksDiverged on every rank if `module`'s parameters differ between ranks; return the
+    checksum all ranks share (None on one process).
 
-    Compares a float64 checksum (the sum, and a position-weighted sum, of each tensor's sums): one
-    small all-gather, no copies of the parameters. The released SE code drew its masks from each
-    process's unseeded host RNG, so its ranks' teachers drifted apart silently; this makes that loud."""
+    The checksum is a float64 pair (the sum, and a position-weighted sum, of each tensor's sums): one
+    small all-gather, no copies of the parameters. `exact` also compares every parameter byte with
+    rank 0's (one broadcast of all of them: for a final check, not every step). The released SE code
+    drew its masks from each process's unseeded host RNG, so its ranks' teachers drifted apart
+    silently; this makes that loud."""
     if world_size() == 1:
-        return
-    sums = torch.stack([p.sum(dtype=torch.float64) for p in module.parameters()])
+        return None
+    params = [p.detach() for p in module.parameters()]
+    sums = torch.stack([p.sum(dtype=torch.float64) for p in params])
     weights = torch.arange(1, len(sums) + 1, dtype=torch.float64, device=sums.device)
     local = torch.stack([sums.sum(), (sums * weights).sum()])
     everyone = all_gather_cat(local[None])  # [world, 2]
     if not bool((everyone == everyone[:1]).all()):
         rows = ", ".join(f"rank {r}: {a:.17g}/{b:.17g}" for r, (a, b) in enumerate(everyone.tolist()))
         raise RanksDiverged(f"the {what} differs between ranks (checksums {rows})")
+    if exact:
+        mine = torch.cat([p.contiguous().view(-1).view(torch.uint8) for p in params])
+        same = torch.equal(mine, broadcast_(mine.clone()))
+        agree = all_gather_cat(torch.tensor([int(same)], device=mine.device))
+        if not bool(agree.all()):
+            bad = [r for r, ok in enumerate(agree.tolist()) if not ok]
+            raise RanksDiverged(f"the {what} of rank(s) {bad} differs bitwise from rank 0's (equal checksums)")
+    a, b = everyone[0].tolist()
+    return a, b
 
 
 # ------------------------------------------------------------------------------- failing together

@@ -228,6 +228,12 @@ class Trainer:
                     window = (self.step, time.perf_counter())  # img/s counts training only
             if saved_at != self.step:
                 result["checkpoint"] = self._save()
+            if env.world_size > 1:  # the checksums agreed at every log line; now every byte
+                checksum = self._checked(lambda: ddp.check_same_across_ranks(self.method.teacher, exact=True))
+                self.log.log({"step": self.step, "teacher_checksum": list(checksum), "teacher_bit_identical": True})
+                self.print(f"teacher parameters bit-identical on all {env.world_size} processes at step {self.step} "
+                           f"(checksum {checksum[0]:.17g})")
+                result["teacher_bit_identical"] = True
             if env.is_main:
                 result["backbone"] = str(ckpt.export_backbone(self.out, self.method.backbone))
             result.update(self._knn())
@@ -284,7 +290,8 @@ class Trainer:
         steps = self.step - window[0]
         epoch = self.step / self.steps_per_epoch
         loss = self._checked(lambda: self.losses.mean(self.step))
-        self._checked(lambda: ddp.check_same_across_ranks(self.method.teacher))  # same masks everywhere: verify it
+        # the teacher update draws the same masks on every rank: verify it while syncing anyway
+        checksum = self._checked(lambda: ddp.check_same_across_ranks(self.method.teacher))
         elapsed = time.perf_counter() - window[1]
         img_s = steps * c.batch_size / elapsed if elapsed > 0 and steps else 0.0
         m = {"step": self.step, "epoch": epoch, "loss": loss,
@@ -292,6 +299,8 @@ class Trainer:
              "momentum": self.momentum_at(self.step - 1), **_stats(self.smoother), "img_per_s": img_s}
         if img_s:
             m["eta_s"] = (self.stop_step - self.step) * c.batch_size / img_s
+        if checksum is not None:
+            m["teacher_checksum"] = list(checksum)
         self.log.log(m)
         self.log.print(progress_line(m, self.stop_step, c.epochs))
         return {"loss": loss, "img_per_s": img_s}
