@@ -339,8 +339,10 @@ def rng_state() -> dict[str, Tensor]:
 
 
 def set_rng_state(state: dict[str, Tensor]) -> None:
-    """Restore what `rng_state` returned: the next draws of torch, CUDA, numpy and `random` repeat."""
-    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+    """Restore what `rng_state` returned (on any device, e.g. as `load_checkpoint(device="cuda")` put
+    it): the next draws of torch, CUDA, numpy and `random` repeat."""
+    state = {k: v.cpu() for k, v in state.items()}
+    torch.set_rng_state(state["torch"].to(torch.uint8))
     cuda = sorted((int(k.split(".")[1]), v) for k, v in state.items() if k.startswith("cuda."))
     if cuda:
         if not torch.cuda.is_available():
@@ -349,7 +351,7 @@ def set_rng_state(state: dict[str, Tensor]) -> None:
             if len(cuda) != torch.cuda.device_count():
                 log.warning("CUDA RNG states of %d devices, %d visible", len(cuda), torch.cuda.device_count())
             for i, s in cuda[: torch.cuda.device_count()]:
-                torch.cuda.set_rng_state(s.cpu().to(torch.uint8), i)
+                torch.cuda.set_rng_state(s.to(torch.uint8), i)
     pos, has_gauss = state["numpy.pos"].tolist()
     np.random.set_state(("MT19937", state["numpy.key"].numpy().astype(np.uint32), pos, has_gauss,
                          float(state["numpy.gauss"][0])))
