@@ -17,7 +17,16 @@ import torchvision
 from safetensors.torch import save_file
 
 from fastse.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
-from fastse.eval.linear import accuracy, eval_data, get_protocol, linear_eval, make_head, train_head, train_linear
+from fastse.eval.linear import (
+    accuracy,
+    eval_data,
+    get_protocol,
+    linear_eval,
+    make_head,
+    train_head,
+    train_head_on_features,
+    train_linear,
+)
 from fastse.eval.load import load_backbone_for_eval
 
 # ------------------------------------------------------------------------------------ protocols
@@ -63,6 +72,30 @@ def test_head_learns_separable_features(batchnorm):
     assert len(losses) == 20 and losses[-1] < losses[0]
     acc = accuracy(head, feats, labels, chunk=64)
     assert acc == {"top1": 100.0, "top5": 100.0}
+
+
+@pytest.mark.parametrize("batchnorm,weight_decay", [(True, 0.0), (False, 1e-3)])
+def test_hand_written_fast_loop_matches_autograd_and_torch_sgd(batchnorm, weight_decay):
+    """The fast protocol's graph-friendly loop is the same SGD as `train_head` (autograd + torch.optim)."""
+    g = torch.Generator().manual_seed(1)
+    feats, labels = torch.randn(230, 12, generator=g) * 2 + 1, torch.randint(0, 5, (230,), generator=g)
+    protocol = get_protocol("fast", epochs=3, batch_size=32, lr=0.3, weight_decay=weight_decay,
+                            batchnorm=batchnorm)
+    torch.manual_seed(0)
+    ours, reference = make_head(12, 5, batchnorm=batchnorm), make_head(12, 5, batchnorm=batchnorm)
+    reference.load_state_dict(ours.state_dict())
+    order = torch.Generator().manual_seed(7)
+
+    def batches(epoch):
+        perm = torch.randperm(230, generator=order)
+        return ((feats[perm[i * 32:(i + 1) * 32]], labels[perm[i * 32:(i + 1) * 32]]) for i in range(230 // 32))
+
+    ours_losses, reference_losses = [], []
+    train_head_on_features(ours, feats, labels, protocol, seed=7, on_epoch=lambda e, v: ours_losses.append(v))
+    train_head(reference, batches, 230 // 32, protocol, on_epoch=lambda e, v: reference_losses.append(v))
+    assert ours_losses == pytest.approx(reference_losses, rel=1e-5)
+    for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ---------------------------------------------------------------------------------- end to end
@@ -198,3 +231,20 @@ def test_state_dict_errors_are_one_clear_line(tmp_path):
     torch.save({"step": 3}, tmp_path / "meta.pth")
     with pytest.raises(CheckpointError, match="not a state dict"):
         load_backbone_for_eval(tmp_path / "meta.pth", arch="resnet18")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+def test_fast_loop_as_a_cuda_graph_equals_the_eager_loop(monkeypatch):
+    import fastse.eval.linear as linear
+
+    g = torch.Generator().manual_seed(2)
+    feats, labels = (torch.randn(3000, 64, generator=g) + 1).cuda(), torch.randint(0, 10, (3000,), generator=g).cuda()
+    protocol = get_protocol("fast", epochs=4, batch_size=256)
+    heads = []
+    for warmup in (linear._GRAPH_WARMUP, 10**9):  # captured after 3 steps / never captured
+        monkeypatch.setattr(linear, "_GRAPH_WARMUP", warmup)
+        torch.manual_seed(0)
+        heads.append(make_head(64, 10, batchnorm=True).cuda())
+        train_head_on_features(heads[-1], feats, labels, protocol, seed=3)
+    for a, b in zip(heads[0].state_dict().values(), heads[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -217,6 +217,84 @@ def train_head(head: nn.Module, batches: Callable[[int], Iterable[tuple[Tensor, 
             on_epoch(epoch + 1, float(ddp.all_reduce_mean(loss_sum / n)))
 
 
+_GRAPH_WARMUP = 3  # eager steps before the step is captured as a CUDA graph
+
+
+@torch.no_grad()
+def train_head_on_features(head: nn.Module, feats: Tensor, labels: Tensor, protocol: Protocol, *, seed: int = 0,
+                           on_epoch: Callable[[int, float], None] | None = None) -> None:
+    """The fast protocol's loop: `train_head`'s SGD (momentum, weight decay, the protocol's lr per
+    step, BatchNorm1d batch statistics) on device-resident features [N, D] float32 and labels [N],
+    written out by hand so that one step is a fixed sequence of kernels on static buffers. On CUDA
+    that step is captured once as a CUDA graph and replayed: a step costs one launch instead of ~30
+    (the head is tiny; Python and launches were the whole cost). Batches: a fresh permutation each
+    epoch from a generator seeded with `seed`, the ragged end dropped. `on_epoch(epoch, mean loss)`."""
+    device, n, bs = feats.device, len(feats), protocol.batch_size
+    steps, total = n // bs, protocol.epochs * (n // bs)
+    if steps < 1:
+        raise ValueError(f"batch_size={bs} is larger than the {n} train features")
+    head.train()
+    bn = next((m for m in head.modules() if isinstance(m, nn.BatchNorm1d)), None)
+    linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
+    if bn is not None and bn.affine:
+        raise ValueError("train_head_on_features: the BatchNorm1d of the head must have no affine parameters")
+    w, b = linear.weight, linear.bias
+    w_buf, b_buf = torch.zeros_like(w), torch.zeros_like(b)
+    lrs = torch.tensor([protocol.lr_of(k, total) for k in range(total)], dtype=torch.float32, device=device)
+    order = torch.empty(steps * bs, dtype=torch.int64, device=device)
+    at, step = (torch.zeros(1, dtype=torch.int64, device=device) for _ in range(2))  # device counters: no syncs
+    offsets = torch.arange(bs, device=device)
+    minus_one = torch.full((bs, 1), -1.0, device=device)
+    loss_sum = torch.zeros((), device=device)
+    m, wd = protocol.momentum, protocol.weight_decay
+
+    def sgd_step() -> None:
+        idx = order.index_select(0, at + offsets)
+        x, y = feats.index_select(0, idx), labels.index_select(0, idx)
+        if bn is not None:  # BatchNorm1d(affine=False) in train mode, running statistics included
+            mean, var = x.mean(0), x.var(0, unbiased=False)
+            x = (x - mean) * torch.rsqrt(var + bn.eps)
+            bn.running_mean.lerp_(mean, bn.momentum)
+            bn.running_var.lerp_(var * (bs / (bs - 1)), bn.momentum)
+            bn.num_batches_tracked.add_(1)
+        z = torch.addmm(b, x, w.t())
+        loss_sum.add_((z.logsumexp(1) - z.gather(1, y[:, None]).squeeze(1)).mean())
+        g = z.softmax(1).scatter_add_(1, y[:, None], minus_one).div_(bs)  # d mean-CE / d logits
+        lr = lrs.index_select(0, step)  # [1]
+        for p, grad, buf in ((w, g.t() @ x, w_buf), (b, g.sum(0), b_buf)):
+            if wd:
+                grad = grad.add(p, alpha=wd)
+            buf.mul_(m).add_(grad)  # torch.optim.SGD: the first step's buffer is the gradient itself
+            p.sub_(buf * lr)
+        at.add_(bs)
+        step.add_(1)
+
+    graph, stream = None, torch.cuda.Stream(device) if device.type == "cuda" else None
+    gen, done = torch.Generator(device).manual_seed(seed), 0
+    for epoch in range(protocol.epochs):
+        order.copy_(torch.randperm(n, device=device, generator=gen)[: steps * bs])
+        at.zero_()
+        loss_sum.zero_()
+        for _ in range(steps):
+            if graph is not None:
+                graph.replay()
+            elif stream is not None and done >= _GRAPH_WARMUP:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    sgd_step()
+                graph.replay()
+            elif stream is not None:  # warm-up steps on a side stream, as graph capture wants
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    sgd_step()
+                torch.cuda.current_stream(device).wait_stream(stream)
+            else:
+                sgd_step()
+            done += 1
+        if on_epoch is not None:
+            on_epoch(epoch + 1, float(loss_sum) / steps)
+
+
 @torch.no_grad()
 def accuracy(head: nn.Module, feats: Tensor, labels: Tensor, *, chunk: int = 4096) -> dict[str, float]:
     """{"top1", "top5"} of `head` on features [N, D] in percent (top5 is 100 with < 5 classes)."""
@@ -259,25 +337,19 @@ def train_linear(backbone: nn.Module, data: EvalData, protocol: Protocol, *, dev
                 aug.set_epoch(k)
                 parts.append(features(backbone, aug, device=device, num=n_train))
         feats, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        gen = torch.Generator(device).manual_seed(seed)
-        steps = len(feats) // bs
+        train_head_on_features(head, feats, labels, protocol, seed=seed, on_epoch=on_epoch)
+        return head
 
-        def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-            order = torch.randperm(len(feats), device=device, generator=gen)
-            for i in range(steps):
-                idx = order[i * bs:(i + 1) * bs]
-                yield feats[idx], labels[idx]
-    else:
-        train_loader = data.loader("train", "train", batch_size=bs // world, device=device, backend=backend,
-                                   seed=seed, rank=ddp.rank(), world_size=world, drop_last=True)
-        steps = len(train_loader)
+    train_loader = data.loader("train", "train", batch_size=bs // world, device=device, backend=backend,
+                               seed=seed, rank=ddp.rank(), world_size=world, drop_last=True)
+    steps = len(train_loader)
 
-        def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-            train_loader.set_epoch(epoch)
-            for views, y in train_loader:
-                with torch.no_grad(), _autocast(device):
-                    f = backbone(views[0]).float().flatten(1)
-                yield f, torch.as_tensor(y).to(device, torch.int64)
+    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        train_loader.set_epoch(epoch)
+        for views, y in train_loader:
+            with torch.no_grad(), _autocast(device):
+                f = backbone(views[0]).float().flatten(1)
+            yield f, torch.as_tensor(y).to(device, torch.int64)
 
     trained = head
     if world > 1:  # BatchNorm statistics: DDP broadcasts rank 0's with every forward
