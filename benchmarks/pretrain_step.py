@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--limit", type=int, default=None, help="at most N images (CPU smoke runs)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then profile N steps of each path: GPU busy time per step against wall time per step "
+                         "(GPU-bound when they match, host-bound when the GPU idles), and the top operators")
     args = ap.parse_args()
 
     overrides = dict(data=args.data, loader=args.loader, device=args.device, wandb="disabled", knn_every=0,
@@ -95,6 +98,26 @@ def main() -> None:
     for name in ("real", "synthetic"):
         print(f"| {name} | {statistics.median(rates[name]):,.0f} | {', '.join(f'{r:,.0f}' for r in rates[name])} |")
     print(f"\nreal / synthetic = {real_rate / synth_rate:.3f}")
+    if args.profile:
+        for name, step in (("synthetic", synthetic_step), ("real", real_step)):
+            profile(name, step, args.profile, cuda)
+
+
+def profile(name: str, step, n: int, cuda: bool) -> None:
+    """Print wall ms/step, GPU kernel ms/step and the operators costing the most host and GPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        wall = timed(step, n, cuda)
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events) if cuda else 0.0
+    print(f"\n## profile of {n} {name} steps: wall {1e3 * wall / n:.2f} ms/step, GPU kernels "
+          f"{gpu_us / 1e3 / n:.2f} ms/step ({100 * gpu_us / 1e6 / wall:.0f} % busy)")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    if cuda:
+        print(events.table(sort_by="self_device_time_total", row_limit=15))
 
 
 if __name__ == "__main__":
