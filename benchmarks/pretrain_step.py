@@ -3,6 +3,7 @@ batch already on the GPU (what the loader must not slow down), measured in one r
 
     python benchmarks/pretrain_step.py --preset byol-cifar10 --data <CIFAR-10 JPEG tree> [--steps 300]
     python benchmarks/pretrain_step.py --preset byol-imagenet --data <ImageNet-layout tree> --loader dali
+    python benchmarks/pretrain_step.py --preset byol-imagenet --photo-jpegs 4000 --loader dali
 
 Builds a `Trainer` (model, optimizer, smoother, compile, bf16 as the preset says), warms both paths
 up, then times `--rounds` alternating blocks of `--steps` steps: `real` draws each batch from the
@@ -51,7 +52,10 @@ def timed(step, n: int, cuda: bool) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="byol-cifar10")
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", help="class-folder tree (or archive) of the training images")
+    ap.add_argument("--photo-jpegs", type=int, metavar="N",
+                    help="instead of --data: N photo-like 400x350 JPEGs of ~110 KB made once in the cache "
+                         "(benchmarks/pipelines.py's ImageNet-size set), for the 224 px DALI row")
     ap.add_argument("--loader", default="auto", choices=("auto", "tensor", "dali"))
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--steps", type=int, default=300, help="steps per timed block")
@@ -63,6 +67,17 @@ def main() -> None:
                     help="then profile N steps of each path: GPU busy time per step against wall time per step "
                          "(GPU-bound when they match, host-bound when the GPU idles), and the top operators")
     args = ap.parse_args()
+    if (args.data is None) == (args.photo_jpegs is None):
+        ap.error("give exactly one of --data and --photo-jpegs")
+    if args.photo_jpegs:
+        import importlib.util
+
+        from fastse.pipelines.datasets import default_cache_dir
+
+        spec = importlib.util.spec_from_file_location("bench_pipelines", Path(__file__).with_name("pipelines.py"))
+        bench_pipelines = sys.modules["bench_pipelines"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_pipelines)
+        args.data = str(bench_pipelines.imagenet_size_jpegs(default_cache_dir(), args.photo_jpegs)[0].parents[1])
 
     overrides = dict(data=args.data, loader=args.loader, device=args.device, wandb="disabled", knn_every=0,
                      limit=args.limit, out=tempfile.mkdtemp(prefix="fastse-bench-"))
