@@ -17,6 +17,7 @@ CHOICES = {
     "arch": ("resnet18", "resnet34", "resnet50", "resnet101"),
     "dataset": ("cifar10", "cifar100", "imagenet"),
     "loader": ("auto", "tensor", "dali"),
+    "augmentation": ("byol", "mocov2", "simclr"),
     "optimizer": ("sgd", "lars"),
     "smoothing": ("ema", "se", "sts"),
     "granularity": ("tensor", "channel", "element"),
@@ -52,6 +53,8 @@ def _choice(name: str) -> click.Choice:
               help="[default: cosine BYOL, constant MoCo]")
 @click.option("--queue-size", type=int, help="MoCo keys in the queue.")
 @click.option("--loader", type=_choice("loader"), help="Input pipeline backend [default: auto].")
+@click.option("--augmentation", type=_choice("augmentation"),
+              help="Two-view augmentation recipe [default: the method's own].")
 @click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto].")
 @click.option("--compile/--no-compile", default=None, help="torch.compile student and teacher [default: on CUDA].")
 @click.option("--syncbn/--no-syncbn", default=None, help="SyncBatchNorm in student and teacher.")

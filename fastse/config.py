@@ -21,6 +21,7 @@ MOMENTUM_SCHEDULES = ("cosine", "constant")
 LOADERS = ("auto", "tensor", "dali")
 DTYPES = ("bf16", "fp32")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+AUGMENTATIONS = ("byol", "mocov2", "simclr")  # = fastse.pipelines.recipes.AUGMENTATIONS (a test checks)
 DATASETS = ("cifar10", "cifar100", "imagenet")
 
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -54,6 +55,7 @@ class PretrainConfig:
     image_size: int | None = None       # px; default: the images' side when <= 64, else 224
     limit: int | None = None            # use at most this many images of each split (smoke runs)
     loader: str = "auto"                # auto | tensor | dali
+    augmentation: str | None = None     # byol | mocov2 | simclr two-view recipe; None: the method's own
     cache_dir: str | None = None        # extracted archives, decoded arrays ($FASTSE_CACHE)
     # optimisation
     epochs: int = 200
@@ -125,6 +127,8 @@ class PretrainConfig:
         _choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
         _choice("buffers", self.buffers, BUFFER_MODES)
         _choice("loader", self.loader, LOADERS)
+        if self.augmentation is not None:
+            _choice("augmentation", self.augmentation, AUGMENTATIONS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("wandb", self.wandb, WANDB_MODES)
         if self.dataset is not None:

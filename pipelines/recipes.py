@@ -124,6 +124,15 @@ def mocov2(size: int = 224) -> Recipe:
     return Recipe("mocov2", (View(ops), View(ops)), size)
 
 
+def simclr(size: int = 224) -> Recipe:
+    """SimCLR's two views of one recipe (Chen et al. 2020), colour strength 0.5 as its CIFAR runs (and
+    lightly's CIFAR-10 benchmarks) use: jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, flip,
+    RandomResizedCrop (0.08-1); blur p=0.5 only above 64 px."""
+    small = size <= 64
+    ops = (_crop(size, (0.08, 1.0)), Op("hflip", p=0.5), _jitter(0.4, 0.4, 0.4, 0.1), Op("grayscale", p=0.2))
+    return Recipe("simclr", (View(ops + (() if small else (_blur(0.5),))),) * 2, size)
+
+
 def fixmatch(size: int = 32) -> Recipe:
     """FixMatch's weak and strong views (Sohn et al. 2020): weak = flip + translate 12.5 % (reflect);
     strong = weak + RandAugment (2 ops, random magnitude, each p=0.5) + Cutout of half the side."""
@@ -148,7 +157,9 @@ def evaluation(size: int = 224) -> Recipe:
     return Recipe("eval", (View((op,)),), size)
 
 
-RECIPES = {"byol": byol, "mocov2": mocov2, "fixmatch": fixmatch, "linear": linear, "eval": evaluation}
+RECIPES = {"byol": byol, "mocov2": mocov2, "simclr": simclr, "fixmatch": fixmatch, "linear": linear,
+           "eval": evaluation}
+AUGMENTATIONS = ("byol", "mocov2", "simclr")  # the two-view recipes a pretraining run may use
 
 
 def get_recipe(name: str, size: int) -> Recipe:

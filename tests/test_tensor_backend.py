@@ -247,7 +247,7 @@ def test_geometry_and_randaugment_reproduce_from_recorded_params(cifar):
 # ------------------------------------------------------------------------------- whole recipes
 
 
-@pytest.mark.parametrize("name", ["byol", "mocov2", "fixmatch", "linear", "eval"])
+@pytest.mark.parametrize("name", ["byol", "mocov2", "simclr", "fixmatch", "linear", "eval"])
 @pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.bfloat16, True)])
 def test_recipe_shapes_dtypes_ranges(cifar, name, dtype, channels_last):
     recipe = get_recipe(name, 32)
@@ -266,7 +266,7 @@ def test_recipe_shapes_dtypes_ranges(cifar, name, dtype, channels_last):
         _close(_pixels(outs[0], recipe), cifar[:64].permute(0, 3, 1, 2) / 255.0, 0.02 if channels_last else 1e-5)
 
 
-@pytest.mark.parametrize("name", ["byol", "mocov2", "eval"])
+@pytest.mark.parametrize("name", ["byol", "mocov2", "simclr", "eval"])
 def test_large_recipes_blur_and_resize(name):
     """The 96 px variants: blur (kernel 9) in byol/mocov2, resize 110 + centre crop in eval."""
     images = torch.randint(0, 256, (16, 120, 100, 3), dtype=torch.uint8, generator=_gen())
@@ -305,6 +305,18 @@ def test_mocov2_rates(cifar):
         assert abs(p["color_jitter"].float().mean() - 0.8) < 0.03
         area = p["crop_w"] * p["crop_h"] / 1024
         assert area.min() >= 0.2 - 0.03  # scale (0.2, 1), up to the rounding of the sides
+
+
+def test_simclr_rates(cifar):
+    """lightly's CIFAR-10 benchmark augmentation: saturation 0.4 (BYOL's is 0.2), no solarize."""
+    recipe = get_recipe("simclr", 32)
+    assert recipe.views[0] == recipe.views[1] and recipe.views[0].op("color_jitter").params["saturation"] == 0.4
+    _, (p1, p2) = _views(cifar, recipe)
+    for p in (p1, p2):
+        assert abs(p["grayscale"].float().mean() - 0.2) < 0.03
+        assert abs(p["color_jitter"].float().mean() - 0.8) < 0.03
+        assert "solarize" not in p and "blur_sigma" not in p
+        assert (p["crop_w"] * p["crop_h"] / 1024).min() < 0.2  # scale (0.08, 1)
 
 
 def test_fixmatch_rates(cifar):

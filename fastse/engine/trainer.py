@@ -462,7 +462,7 @@ def _build_data(config: PretrainConfig, env: ddp.Dist, dtype: torch.dtype):
     stats = dataset_stats(config.dataset or root, cache_dir=config.cache_dir)
     common = dict(device=env.device, backend=config.loader, dtype=dtype, channels_last=config.channels_last)
     train_idx = _subset(len(train), config.limit)
-    loader = build_loader(get_recipe(config.method, size).with_stats(*stats), train,
+    loader = build_loader(get_recipe(config.augmentation or config.method, size).with_stats(*stats), train,
                           batch_size=config.batch_size // env.world_size, seed=config.seed, rank=env.rank,
                           world_size=env.world_size, indices=train_idx, drop_last=True, **common)
     n_train = len(train) if train_idx is None else len(train_idx)
