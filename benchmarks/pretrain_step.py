@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from steptime import profile, timed  # noqa: E402  (benchmarks/steptime.py)
+
 from fastse.config import PRESETS, preset  # noqa: E402
 from fastse.engine.trainer import Trainer  # noqa: E402
 
@@ -36,17 +38,6 @@ def batches(loader):
         loader.set_epoch(epoch)
         for views, _ in loader:
             yield views
-
-
-def timed(step, n: int, cuda: bool) -> float:
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -116,23 +107,6 @@ def main() -> None:
     if args.profile:
         for name, step in (("synthetic", synthetic_step), ("real", real_step)):
             profile(name, step, args.profile, cuda)
-
-
-def profile(name: str, step, n: int, cuda: bool) -> None:
-    """Print wall ms/step, GPU kernel ms/step and the operators costing the most host and GPU time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch_profile(activities=activities) as prof:
-        wall = timed(step, n, cuda)
-    events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events) if cuda else 0.0
-    print(f"\n## profile of {n} {name} steps: wall {1e3 * wall / n:.2f} ms/step, GPU kernels "
-          f"{gpu_us / 1e3 / n:.2f} ms/step ({100 * gpu_us / 1e6 / wall:.0f} % busy)")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
-    if cuda:
-        print(events.table(sort_by="self_device_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

@@ -24,19 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from steptime import profile, timed  # noqa: E402  (benchmarks/steptime.py)
+
 from fastse.semi.config import PRESETS, preset  # noqa: E402
 from fastse.semi.trainer import SemiTrainer  # noqa: E402
-
-
-def timed(step, n: int, cuda: bool) -> float:
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -53,6 +44,8 @@ def main() -> None:
     ap.add_argument("--widen", type=int, default=None)
     ap.add_argument("--labeled-batch", type=int, default=None)
     ap.add_argument("--num-labels", type=int, default=None)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then profile N steps of each path (GPU busy vs wall time per step, top operators)")
     args = ap.parse_args()
 
     overrides = dict(data=args.data, device=args.device, wandb="disabled", smoothing=args.smoothing,
@@ -89,6 +82,8 @@ def main() -> None:
         print(f"| {name} | {median[name]:.2f} | {median[name] * images:,.0f} | {', '.join(f'{x:.2f}' for x in r)} | "
               f"{median[name] / median['synthetic']:.3f} |")
     print(f"\nreal / synthetic = {median['real'] / median['synthetic']:.3f}")
+    for name, step in paths.items() if args.profile else ():
+        profile(name, step, args.profile, cuda)
 
 
 if __name__ == "__main__":
