@@ -7,6 +7,7 @@ import sys
 import click
 from fastse.cli.evaluate import eval_linear, knn
 from fastse.cli.pretrain import pretrain
+from fastse.cli.report import report
 from fastse.cli.semi import semi
 
 
@@ -31,8 +32,10 @@ def data_check(path: str, split: str | None, deep: bool) -> None:
     try:
         root = resolve_data(path)
         splits = [split] if split else [s for s in ("train", "val", "test") if (root / s).is_dir()] or [None]
+        classes = None  # the first split's: every other split must have the same class folders
         for name in splits:
-            index = scan_image_folder(root, split=name, deep=deep)
+            index = scan_image_folder(root, split=name, deep=deep, classes=classes)
+            classes = classes or index.classes
             click.echo(f"{name or '.'}: {index.summary()}")
     except DataError as err:
         click.echo(f"error: {err}", err=True)
@@ -43,6 +46,7 @@ main.add_command(pretrain)
 main.add_command(eval_linear)
 main.add_command(knn)
 main.add_command(semi)
+main.add_command(report)
 
 if __name__ == "__main__":
     main()

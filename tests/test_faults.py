@@ -5,8 +5,9 @@ truncated, unsupported, converted and missing images. Input: impossible flags, u
 folders, resuming another method's run: exit 2 before any GPU work. Numerics: NaN or Inf losses and a
 poisoned teacher stop the run, naming the step, with the last good checkpoint kept; a full disk during a
 write. Distributed (2 processes): a rank that raises, bad data on one rank, diverged teachers, a rank
-killed under torchrun. Pytest's report ends with a table: faults injected, runs recovered, checkpoints
-lost, hangs.
+killed under torchrun. `fastse semi` (FixMatch, WRN-10-1): kill -9 and resume, NaN / Inf losses, a full
+disk, impossible flags, more labels than images, resuming another run's settings, a rank that raises.
+Pytest's report ends with a table: faults injected, runs recovered, checkpoints lost, hangs.
 
 CPU (CI): gloo. `FASTSE_FAULT_DEVICE=cuda` runs the same faults on the GPU (nccl, two GPUs for the
 distributed ones) for docs/BENCHMARKS.md.
@@ -39,6 +40,9 @@ from fastse.config import PretrainConfig
 from fastse.engine import distributed as ddp
 from fastse.engine import trainer as trainer_module
 from fastse.engine.trainer import Trainer, TrainingError
+from fastse.semi import trainer as semi_module
+from fastse.semi.config import SemiConfig
+from fastse.semi.trainer import SemiTrainer
 
 DEVICE = os.environ.get("FASTSE_FAULT_DEVICE", "cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +74,10 @@ class FaultTable:
         head = f"{'fault':<{width}}  injected  recovered  ckpts lost  hangs  outcome"
         lines = [head, "-" * len(head)]
         for fault, (inj, rec, lost, hangs, outcome) in self.rows.items():
+            if not inj:
+                outcome = "NOT REACHED: the test failed before injecting it"
+            elif rec < inj or lost or hangs:
+                outcome = f"FAILED: {inj - rec} not recovered (see the failing test); expected: {outcome}"
             lines.append(f"{fault:<{width}}  {inj:>8}  {rec:>9}  {lost:>10}  {hangs:>5}  {outcome}")
         totals = [sum(r[i] for r in self.rows.values()) for i in range(4)]
         lines.append(f"{'total':<{width}}  {totals[0]:>8}  {totals[1]:>9}  {totals[2]:>10}  {totals[3]:>5}")
@@ -179,6 +187,12 @@ def _steps(log: Path) -> int:
     return len(re.findall(r"\| step \d+/", log.read_text()))
 
 
+def _logged_steps(run: Path) -> list[int]:
+    """The steps of the metrics lines (those with a loss) in `run`'s metrics.jsonl, in file order."""
+    lines = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    return [m["step"] for m in lines if "loss" in m]
+
+
 def _temp_folders(run: Path) -> set[str]:
     folder = run / "checkpoints"
     return {p.name for p in folder.iterdir() if p.name.startswith(".tmp-")} if folder.is_dir() else set()
@@ -206,7 +220,7 @@ def test_kill_9_at_random_moments_and_inside_checkpoint_writes_then_resume(data,
     0-0.3 s after a random 6-9 more steps (past one checkpoint, mid-epoch), or the moment a checkpoint
     write begins (with an older checkpoint complete). After every kill the newest complete checkpoint
     must load and be no older than before; the fifth attempt resumes from step 10, runs to the end and
-    must be bit-identical to the uninterrupted reference."""
+    must be bit-identical to the uninterrupted reference, its metrics.jsonl holding each step's line once."""
     rng = random.Random(8)
     out = tmp_path / "run"
     newest, lost, hangs, inside, elsewhere, attempt = -1, 0, 0, 0, 0, 0
@@ -230,7 +244,8 @@ def test_kill_9_at_random_moments_and_inside_checkpoint_writes_then_resume(data,
         newest = max(newest, step)
     finished = proc.returncode == 0 and not hangs and "resumed at step 10" in log.read_text()
     same = finished and not differences(reference, out)
-    ok = same and not lost
+    logged = _logged_steps(out) == list(range(1, 21))  # the lines a killed attempt wrote after its checkpoint: gone
+    ok = same and not lost and logged
     faults.add("kill -9 inside a checkpoint write, --resume", inside, inside * ok, lost=lost, hangs=hangs,
                outcome="resumed from the newest complete checkpoint; bit-identical")
     faults.add("kill -9 at a random moment, --resume", elsewhere, elsewhere * ok, hangs=hangs,
@@ -239,6 +254,7 @@ def test_kill_9_at_random_moments_and_inside_checkpoint_writes_then_resume(data,
     assert inside >= 1 and elsewhere >= 1, (inside, elsewhere)
     assert lost == 0
     assert same, differences(reference, out)[:5]
+    assert logged, _logged_steps(out)
 
 
 def test_resume_passes_over_corrupt_and_truncated_checkpoints(data, reference, tmp_path, faults):
@@ -319,8 +335,6 @@ def test_bad_data_is_named_by_data_check_and_refused_before_training(data, tmp_p
     out = tmp_path / "run"
     run = CliRunner().invoke(main, cli_args(root, out))
     named = check.exit_code == 2 and name in check.output
-    if fault == "class mismatch":  # `data check` scans each split on its own: the class count shows it
-        named = named or "test: 36 images in 9 classes" in check.output
     refused = named and run.exit_code == 2 and name in run.output
     faults.add(f"data: {fault}", 1, refused and not (out / "checkpoints").exists(),
                outcome="shown by data check; pretrain names it: exit 2 before any model")
@@ -359,13 +373,14 @@ def no_gpu_work(monkeypatch):
     monkeypatch.setattr(ddp, "init_distributed", lambda *a, **k: pytest.fail("reached init_distributed"))
 
 
-def _refused(faults, fault: str, args: list[str], message: str, out: Path | None) -> None:
+def _refused(faults, fault: str, args: list[str], message: str, out: Path | None,
+             outcome: str = "one-line error, exit 2, before any GPU work") -> None:
     """`fastse` with `args` must exit 2 with `message` on its error line (and no checkpoint in `out`)."""
     result = CliRunner().invoke(main, args)
     error = [line for line in result.output.splitlines() if line.startswith("Error:")]
     ok = result.exit_code == 2 and len(error) == 1 and message in error[0] and "Traceback" not in result.output
     ok = ok and (out is None or not (out / "checkpoints").exists())
-    faults.add(f"input: {fault}", 1, ok, outcome="one-line error, exit 2, before any GPU work")
+    faults.add(f"input: {fault}", 1, ok, outcome=outcome)
     assert result.exit_code == 2, result.output
     assert len(error) == 1 and message in error[0] and "Traceback" not in result.output, result.output
     assert out is None or not (out / "checkpoints").exists()
@@ -536,7 +551,10 @@ trainer.fit()
 """
 
 
-def _two_ranks(config: PretrainConfig, fault: dict, logs: Path) -> tuple[list[subprocess.Popen], list[Path]]:
+def _two_ranks(config: PretrainConfig | SemiConfig, fault: dict, logs: Path, script: str = _RANK
+               ) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Two processes of `script` (a process group of 2 over gloo, or nccl on 2 GPUs) running `config`
+    with `fault` injected; their outputs go to `logs`/rank0.txt and rank1.txt."""
     if DEVICE == "cuda" and torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     with socket.socket() as s:
@@ -545,7 +563,7 @@ def _two_ranks(config: PretrainConfig, fault: dict, logs: Path) -> tuple[list[su
     procs, files = [], []
     for rank in range(2):
         files.append(logs / f"rank{rank}.txt")
-        procs.append(spawn(["-c", _RANK, json.dumps(config.to_dict()), json.dumps(fault)], files[-1], RANK=str(rank),
+        procs.append(spawn(["-c", script, json.dumps(config.to_dict()), json.dumps(fault)], files[-1], RANK=str(rank),
                            LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                            OMP_NUM_THREADS="1"))
     return procs, files
@@ -669,3 +687,187 @@ def test_torchrun_worker_killed_ends_the_run_and_resume_completes(data, tmp_path
     assert step >= 4  # the checkpoints of epochs 1 and 2 (steps 2, 4) were complete before the kill
     assert finished and resumed.returncode == 0 and f"resumed at step {step}" in text, text[-3000:]
     assert state(out)[1]["step"] == 8
+
+
+# ------------------------------------------------------------------------------ fastse semi (FixMatch)
+
+
+def semi_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """`fastse semi` of a deterministic 16-step WRN-10-1 run: 8 labeled + 16 unlabeled images a step, a
+    metrics line every step, a checkpoint every 4, an evaluation every 8."""
+    return ["semi", "--data", str(data), "--dataset", "cifar10", "--num-labels", "20", "--depth", "10", "--widen",
+            "1", "--labeled-batch", "8", "--mu", "2", "--threshold", "0.3", "--total-steps", "16", "--log-every", "1",
+            "--ckpt-every", "4", "--eval-every", "8", "--deterministic", "--no-compile", "--device", DEVICE,
+            "--wandb", "disabled", "--cache-dir", str(out.parent / "cache"), "--out", str(out), *extra]
+
+
+def semi_small(data: Path, out: Path, **changes) -> SemiConfig:
+    """`semi_args`'s run in-process: a checkpoint every 5 steps, a metrics line every 100."""
+    base = dict(data=str(data), dataset="cifar10", num_labels=20, depth=10, widen=1, labeled_batch=8, mu=2,
+                threshold=0.3, total_steps=16, log_every=100, ckpt_every=5, eval_every=100, out=str(out),
+                wandb="disabled", device=DEVICE, compile=False, cache_dir=str(out.parent / "cache"))
+    return SemiConfig(**{**base, **changes})
+
+
+def _semi_steps(log: Path) -> int:
+    """`fastse semi` progress lines ("step 7/16 | loss ...") in `log` so far."""
+    return len(re.findall(r"^step \d+/", log.read_text(), re.MULTILINE))
+
+
+@pytest.fixture(scope="module")
+def semi_reference(data, tmp_path_factory) -> Path:
+    """An uninterrupted run of `semi_args` (a subprocess, like the interrupted one)."""
+    out = tmp_path_factory.mktemp("semi-reference") / "run"
+    proc = spawn(["-m", "fastse.cli.main", *semi_args(data, out, "--resume")], out.parent / "log.txt")
+    assert wait(proc) and proc.returncode == 0, (out.parent / "log.txt").read_text()[-3000:]
+    return out
+
+
+def test_semi_kill_9_then_resume_is_bit_identical_and_logs_each_step_once(data, semi_reference, tmp_path, faults):
+    """`fastse semi --resume` killed with SIGKILL right after its 6th metrics line (past the step-4
+    checkpoint), then run again to the end: bit-identical to the uninterrupted run, and metrics.jsonl
+    holds each step's line once (the killed attempt's lines of steps 5-6 are replaced)."""
+    out = tmp_path / "run"
+    args = ["-m", "fastse.cli.main", *semi_args(data, out, "--resume")]
+    first = tmp_path / "first.txt"
+    killed = _kill_when(spawn(args, first), lambda: _semi_steps(first) >= 6, time.monotonic() + HANG_S)
+    step = load_checkpoint(latest_checkpoint(out))[1]["step"] if killed == "killed" else -1
+    replayed = step >= 0 and max(_logged_steps(out)) > step  # lines the resumed run writes again
+    second = tmp_path / "second.txt"
+    resumed = spawn(args, second)
+    finished = wait(resumed) and resumed.returncode == 0 and f"resumed at step {step}" in second.read_text()
+    same = finished and not differences(semi_reference, out)
+    logged = finished and _logged_steps(out) == list(range(1, 17))
+    faults.add("semi: kill -9 mid-run, --resume", 1, same and logged, lost=step < 4,
+               hangs=(killed == "hang") + (not finished),
+               outcome="resumed from the newest checkpoint; bit-identical; each step logged once")
+    assert killed == "killed" and 4 <= step < 16 and replayed, (killed, step, first.read_text()[-3000:])
+    assert finished, second.read_text()[-3000:]
+    assert same, differences(semi_reference, out)[:5]
+    assert logged, _logged_steps(out)
+
+
+@pytest.mark.parametrize("bad,at,log_every,message", [
+    ("nan", 7, 100, "the loss is not finite from step 7 on (found at step 10)"),  # between log lines: the save checks
+    ("inf", 12, 4, "the loss is not finite from step 12 on (found at step 12)"),  # at a log line
+])
+def test_semi_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path, bad, at,
+                                                                                       log_every, message, faults):
+    out = tmp_path / "run"
+    trainer = SemiTrainer(semi_small(data, out, log_every=log_every))
+    real = trainer.model.forward
+
+    def forward(*batch):
+        loss, stats = real(*batch)
+        factor = float(bad) if trainer.step + 1 == at else 1.0
+        return loss * factor, stats * factor
+
+    trainer.model.forward = forward
+    with pytest.raises(TrainingError) as stopped:
+        trainer.fit()
+    kept = _kept(out, 10 if at > 10 else 5)
+    named = message in str(stopped.value) and "the newest checkpoint stays" in str(stopped.value)
+    where = "between log lines" if log_every > 10 else "at a log line"
+    faults.add(f"semi: {'NaN' if bad == 'nan' else 'Inf'} loss {where}", 1, named and kept, lost=not kept,
+               outcome="stopped naming the step; last good checkpoint kept")
+    assert named, str(stopped.value)
+    assert kept
+
+
+def test_semi_full_disk_during_a_checkpoint_write_keeps_the_last_one(data, tmp_path, faults, monkeypatch):
+    out = tmp_path / "run"
+    trainer = SemiTrainer(semi_small(data, out, max_steps=10))
+    real = ckpt._write_synced
+
+    def write(path: Path, payload: bytes) -> None:  # the disk fills up in the middle of the step-10 checkpoint
+        if path.parent.name.startswith(".tmp-step-000000010") and path.name == "teacher.safetensors":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, payload)
+
+    monkeypatch.setattr(ckpt, "_write_synced", write)
+    with pytest.raises(TrainingError) as stopped:
+        trainer.fit()
+    named = "step 10: the checkpoint could not be written" in str(stopped.value) and "No space left" in str(
+        stopped.value)
+    kept = _kept(out, 5) and not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    faults.add("semi: disk full during a checkpoint write", 1, named and kept, lost=not kept,
+               outcome="stopped naming the step; half-written folder removed, last one kept")
+    assert named, str(stopped.value)
+    assert kept
+
+
+@pytest.fixture
+def no_wrn(monkeypatch):
+    """Fail the test if a Wide ResNet is built anywhere but on the meta device (the checkpoint size estimate)."""
+    real = semi_module.WideResNet
+
+    def meta_only(*args, **kwargs):
+        net = real(*args, **kwargs)
+        if next(net.parameters()).device.type != "meta":
+            pytest.fail("a model was built")
+        return net
+
+    monkeypatch.setattr(semi_module, "WideResNet", meta_only)
+
+
+@pytest.mark.parametrize("fault,extra,message", [
+    ("keep_prob outside [0, 1]", ["--keep-prob", "1.5"], "--keep-prob=1.5 is outside [0, 1]"),
+    ("threshold outside [0, 1]", ["--threshold", "2"], "--threshold=2.0 is outside [0, 1]"),
+])
+def test_semi_impossible_flags_exit_2(data, tmp_path, fault, extra, message, faults, no_gpu_work):
+    out = tmp_path / "run"
+    _refused(faults, f"semi {fault}", semi_args(data, out, *extra), message, out)
+
+
+def test_semi_disk_too_full_for_one_checkpoint_exits_2(data, tmp_path, faults, monkeypatch, no_gpu_work):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1 << 10))
+    out = tmp_path / "run"
+    _refused(faults, "semi disk too full for one checkpoint", semi_args(data, out),
+             "0 MiB free on its disk, but one checkpoint needs about", out)
+
+
+def test_semi_more_labels_than_images_exits_2(data, tmp_path, faults, no_wrn):
+    out = tmp_path / "run"
+    _refused(faults, "semi more labels than images", semi_args(data, out, "--num-labels", "100"),
+             "--num-labels=100 is more than the 80 training images of", out,
+             outcome="one-line error, exit 2, before any model (the data is scanned first)")
+
+
+def test_semi_resume_of_another_runs_settings_exits_2(data, semi_reference, faults, no_gpu_work):
+    args = semi_args(data, semi_reference, "--resume", "--smoothing", "ema", "--widen", "2")
+    before = sorted(p.name for p in (semi_reference / "checkpoints").iterdir())
+    _refused(faults, "semi --resume of another run's settings", args,
+             "holds a run with --widen=1, --smoothing='sts', this one has --widen=2, --smoothing='ema'", None)
+    assert sorted(p.name for p in (semi_reference / "checkpoints").iterdir()) == before
+
+
+_SEMI_RANK = """
+import json, sys, time, torch
+from fastse.semi.config import SemiConfig
+from fastse.semi.trainer import SemiTrainer
+config, fault = SemiConfig(**json.loads(sys.argv[1])), json.loads(sys.argv[2])
+trainer = SemiTrainer(config)
+real = trainer.train_step
+def step(batch):
+    if trainer.env.rank == fault["rank"] and trainer.step + 1 == fault["step"]:
+        print(f"FAULT {time.time()}", flush=True)
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+    return real(batch)
+trainer.train_step = step
+trainer.fit()
+"""
+
+
+def test_semi_exception_in_one_rank_ends_all_ranks_within_seconds(data, tmp_path, faults):
+    config = semi_small(data, tmp_path / "run")
+    procs, logs = _two_ranks(config, {"rank": 1, "step": 3}, tmp_path, script=_SEMI_RANK)
+    ends, hangs = _ended(procs)
+    text = [f.read_text() for f in logs]
+    seconds = max(ends) - _fault_time(logs[1])
+    heard = "[rank 0] stopping: rank 1 failed: OutOfMemoryError: CUDA out of memory (injected)" in text[0]
+    ok = not hangs and all(p.returncode != 0 for p in procs) and seconds < ALL_RANKS_END_S and heard
+    faults.add("semi: exception in one rank (OOM) mid-training", 1, ok, hangs=hangs,
+               outcome=f"all ranks ended {seconds:.1f} s after it; the others name it")
+    assert not hangs and seconds < ALL_RANKS_END_S, text
+    assert heard and "OutOfMemoryError" in text[1], text

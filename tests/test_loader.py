@@ -71,8 +71,8 @@ def test_errors_are_clear(tree, cache):
     kw = dict(batch_size=16, device="cpu", cache_dir=cache)
     with pytest.raises(ValueError, match="unknown loader backend 'fast'"):
         build_loader("byol", tree, backend="fast", **kw)
-    with pytest.raises(ValueError, match="unknown recipe 'simclr'"):
-        build_loader("simclr", tree, **kw)
+    with pytest.raises(ValueError, match="unknown recipe 'swav'"):
+        build_loader("swav", tree, **kw)
     with pytest.raises(ValueError, match="built for 32 px"):
         build_loader(get_recipe("byol", 32), tree, size=64, **kw)
     with pytest.raises(ValueError, match="fewer than one global batch"):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from fastse.cli import semi as cli
 from fastse.cli.main import main
-from fastse.pipelines.datasets import load_split, scan_image_folder
+from fastse.pipelines.datasets import DataError, ImageFolderIndex, load_split, scan_image_folder
 
 from fastse.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
 from fastse.models import WideResNet, wrn_28_2, wrn_28_8
@@ -236,8 +236,19 @@ def test_labeled_split_is_balanced_saved_and_reused(tiny_cifar, cache, tmp_path)
     trainer = SemiTrainer(small(tiny_cifar, out, cache, num_labels=30, max_steps=3, split_seed=1), resume=True)
     assert np.array_equal(trainer.data.split, split)
     trainer.log.close()
-    with pytest.raises(CheckpointError, match="holds 30 labeled images"):
+    with pytest.raises(CheckpointError, match="holds a run with num_labels=30, this one has num_labels=20"):
         SemiTrainer(small(tiny_cifar, out, cache, num_labels=20, max_steps=3), resume=True)
+
+
+def test_labels_must_fit_every_class_and_the_set(tmp_path):
+    files = [tmp_path / f"{i}.jpg" for i in range(30)]
+    index = ImageFolderIndex(tmp_path, ["cat", "dog"], files, np.array([0] * 5 + [1] * 25))
+    config = SemiConfig(num_labels=12, dataset="cifar10")
+    with pytest.raises(DataError, match="num_labels=12 takes 6 images of each class, but class 'cat' of .* has 5"):
+        choose_labeled(index, config)
+    with pytest.raises(DataError, match="num_labels=32 is more than the 30 training images"):
+        choose_labeled(index, config.replace(num_labels=32))
+    assert np.bincount(index.labels[choose_labeled(index, config.replace(num_labels=10))]).tolist() == [5, 5]
 
 
 def test_nonfinite_loss_stops_naming_the_step_before_any_checkpoint(tiny_cifar, cache, tmp_path):
@@ -283,6 +294,9 @@ def test_two_process_gloo_ddp_keeps_identical_teachers(tiny_cifar, cache, tmp_pa
         assert r0["result"][key] == r1["result"][key]
     groups, meta = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert meta["world_size"] == 2 and meta["step"] == 6 and [e["step"] for e in meta["evals"]] == [3, 6]
+    lines = _lines(tmp_path / "run")
+    assert [len(m["teacher_checksum"]) for m in lines if "loss" in m] == [2, 2]  # at every metrics line
+    assert [m["step"] for m in lines if m.get("teacher_bit_identical")] == [6] and lines[-1]["final"]
     assert all(torch.equal(groups["teacher"][k], r0["teacher"][k]) for k in r0["teacher"])
 
 
@@ -291,7 +305,7 @@ def test_two_process_gloo_ddp_keeps_identical_teachers(tiny_cifar, cache, tmp_pa
 
 @pytest.mark.parametrize("args,message", [
     (["--num-labels", "25"], "--num-labels=25 must be a multiple of the 10 classes"),
-    (["--num-labels", "200"], "--num-labels=200 takes 20 images of each class, but class 'airplane'"),
+    (["--num-labels", "200"], "--num-labels=200 is more than the 100 training images of"),
     (["--keep-prob", "1.5"], "--keep-prob=1.5 is outside [0, 1]"),
     (["--threshold", "2"], "--threshold=2.0 is outside [0, 1]"),
     (["--mu", "0"], "--mu=0 must be >= 1"),

@@ -242,6 +242,26 @@ def test_run_log_writes_jsonl_and_resolves_wandb_mode(tmp_path, monkeypatch):
     assert wandb_mode("disabled") == "disabled"
 
 
+def test_run_log_of_a_resumed_run_drops_the_lines_after_its_checkpoint(tmp_path):
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.parent.mkdir()
+    written = [{"step": 1, "first_step_s": 2.0}, {"step": 2, "loss": 0.5}, {"note": "no step"},
+               {"step": 3, "loss": 0.4}, {"step": 4, "loss": 0.3}]
+    path.write_text("".join(json.dumps(m) + "\n" for m in written) + '{"step": 5, "lo')  # killed mid-line
+    RunLog(path.parent, {}, wandb="disabled", resume_step=None).close()  # a plain RunLog appends
+    assert path.read_text().endswith('{"step": 5, "lo')
+    run = RunLog(path.parent, {}, wandb="disabled", resume_step=2)  # resumed from the step-2 checkpoint
+    run.log({"step": 3, "loss": 0.45})
+    run.close()
+    assert _lines(tmp_path / "run") == [*written[:3], {"step": 3, "loss": 0.45}]
+    assert not [p.name for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp file left
+    before = path.stat().st_mtime_ns
+    RunLog(path.parent, {}, wandb="disabled", resume_step=3).close()  # nothing to drop: not rewritten
+    assert path.stat().st_mtime_ns == before
+    RunLog(path.parent, {}, wandb="disabled", resume_step=0).close()  # a fresh start over a run that saved nothing
+    assert _lines(tmp_path / "run") == [{"note": "no step"}]
+
+
 def _diverge_worker(rank: int, world: int, port: int, fault: str, out) -> None:
     from fastse.engine.distributed import RanksDiverged, check_same_across_ranks
 

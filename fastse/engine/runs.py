@@ -1,30 +1,94 @@
-"""Run folders shared by the training loops: the checkpoint a run resumes from, the settings that
-changed since it was saved, and deterministic kernels for bit-identical resumption."""
+"""What both training loops (`engine.trainer`, `semi.trainer`) do with a run and its folder, so that they
+start, stop and save alike.
+
+Before joining the process group or touching a GPU, every rank runs `preflight`: the settings, the
+checkpoint to resume (`find_checkpoint`: never afresh over another run's or damaged checkpoints, never
+with another run's fixed settings) and a writable run folder with room for a checkpoint. While
+training, `LossMeter` watches the losses on the device without a sync; every save first checks them
+and the state to save (`check_before_save`), so the newest checkpoint is always a good one. `checked`
+turns a failed check into one `TrainingError` naming the step and the checkpoint kept;
+`save_checkpoint` does the same for a write that fails (a full disk).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection
+import os
+import random
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+import numpy as np
 import torch
+from torch import Tensor, nn
 
 from fastse import checkpoints as ckpt
+from fastse.engine import distributed as ddp
+
+T = TypeVar("T")
+Start = tuple[Path, dict]  # (checkpoint folder, its meta.json) a run resumes from
 
 
-def find_checkpoint(out: Path, resume: bool, say: Callable[[str], None] = print) -> tuple[Path, dict] | None:
-    """(path, meta) of the newest checkpoint in the run folder `out` to resume from, or None for a fresh
-    start. Refuses (CheckpointError) to start afresh over another run's checkpoints without `resume`."""
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+class RunConfig(Protocol):
+    """What `preflight` reads of a run's config (`PretrainConfig`, `SemiConfig`)."""
+
+    out: str
+    device: str
+    keep_ckpts: int
+
+    def validate(self, world_size: int = 1) -> Any: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+# ------------------------------------------------------------------------------------ starting a run
+
+
+def preflight(config: RunConfig, *, resume: bool, fixed: Sequence[str],
+              checkpoint_bytes: Callable[[Any], int]) -> tuple[ddp.Dist, Start | None]:
+    """Every check that needs neither the process group nor a GPU: the settings (`config.validate` for
+    the launcher's world size), the checkpoint to resume (`find_checkpoint`), and that the run folder
+    can be written and has room for checkpoints of about `checkpoint_bytes(config)` bytes. Returns this
+    process's place (`distributed.launch_env`) and the checkpoint to start from (None: a fresh start).
+    Raises ValueError (CheckpointError, for the folder) with one line."""
+    env = ddp.launch_env(config.device)
+    config.validate(env.world_size)
+    out = Path(config.out)
+    start = find_checkpoint(out, resume, config=config.to_dict(), fixed=fixed,
+                            say=lambda text: print(text, flush=True) if env.is_main else None)
+    ckpt.check_run_dir(out, checkpoint_bytes(config), keep=config.keep_ckpts)
+    return env, start
+
+
+def find_checkpoint(out: Path, resume: bool, *, config: dict[str, Any], fixed: Sequence[str] = (),
+                    say: Callable[[str], None] = print) -> Start | None:
+    """(path, meta) of the newest complete checkpoint (checksums verified) in the run folder `out` to
+    resume from, or None for a fresh start. Refuses (CheckpointError) to start afresh over another
+    run's checkpoints without `resume` or over damaged ones, and to resume a run whose `fixed` fields
+    (the model, optimizer and teacher rule its checkpoint holds) differ from `config`'s."""
     latest = ckpt.latest_checkpoint(out) if out.is_dir() else None
     if latest is None:
+        if damaged := sorted(p.name for p in (out / "checkpoints").glob("step-*")):
+            raise ckpt.CheckpointError(f"{out}: none of its checkpoints is complete ({', '.join(damaged)}): "
+                                       "remove them to start afresh, or choose another output folder")
         if resume:
             say(f"--resume: no checkpoint in {out}, starting from scratch")
         return None
     if not resume:
         raise ckpt.CheckpointError(f"{out} already holds checkpoints ({latest.name}): "
                                    "resume it (--resume) or choose another output folder")
-    return latest, json.loads((latest / ckpt.META).read_text())
+    meta = json.loads((latest / ckpt.META).read_text())
+    saved = meta.get("config", {})
+    if differ := [k for k in fixed if saved.get(k) != config[k]]:
+        was, asked = (", ".join(f"{k}={d.get(k)!r}" for k in differ) for d in (saved, config))
+        raise ckpt.CheckpointError(f"--resume: {out} holds a run with {was}, this one has {asked}: "
+                                   "resume with the run's settings or choose another output folder")
+    return latest, meta
 
 
 def changed_fields(saved: dict[str, Any], now: dict[str, Any], resumable: Collection[str] = ()) -> str:
@@ -35,8 +99,103 @@ def changed_fields(saved: dict[str, Any], now: dict[str, Any], resumable: Collec
 
 
 def set_determinism(on: bool, cuda: bool) -> None:
-    """Deterministic kernels (and no cuDNN autotuning or TF32) when `on`; the fast defaults otherwise."""
+    """Deterministic kernels (and no cuDNN autotuning or TF32) when `on`; the fast defaults otherwise.
+    Call it before the first CUDA work (cuBLAS reads its workspace setting once)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(on, warn_only=True)
     if cuda:
         torch.backends.cudnn.benchmark = not on
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not on
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch's, Python's and NumPy's global generators (all of which checkpoints hold): every run
+    of a config starts alike, so a resumed run's checkpoints match the uninterrupted run's bit for bit."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+# ------------------------------------------------------------------------------------- while training
+
+
+class LossMeter:
+    """Per-step losses (a scalar, or a vector of loss terms, of `shape`) summed on the device, and the
+    first step whose values were not all finite (NaN or Inf), both without a host sync; `mean` and
+    `check` read them (on every rank: collectives)."""
+
+    def __init__(self, device: torch.device, shape: tuple[int, ...] = ()):
+        self.sum = torch.zeros(shape, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.count = 0
+
+    def add(self, loss: Tensor, step: int) -> None:
+        """Count `loss` (detached, of `shape`) as that of step `step`."""
+        self.sum += loss
+        self.count += 1
+        self.first_bad = torch.where(loss.isfinite().all() | (self.first_bad >= 0), self.first_bad, step)
+
+    def check(self, step: int) -> None:
+        """Raise TrainingError on every rank if any rank's loss was not finite since the run began
+        (`step`: the current step, for the message)."""
+        bad = ddp.all_gather_cat(self.first_bad[None])
+        bad = bad[bad >= 0]
+        if bad.numel():
+            raise TrainingError(f"the loss is not finite from step {int(bad.min())} on (found at step {step}): "
+                                "training diverged")
+
+    def mean(self, step: int) -> Tensor:
+        """The mean over the ranks and the steps since the last call (then reset), after `check`; on the
+        device, of `shape`."""
+        self.check(step)
+        mean = ddp.all_reduce_mean(self.sum / max(self.count, 1))
+        self.sum.zero_()
+        self.count = 0
+        return mean
+
+
+@torch.no_grad()
+def check_finite(state: dict[str, Tensor], *, step: int, what: str = "the model") -> None:
+    """Raise TrainingError on every rank if a floating-point tensor of `state` (on any rank) holds a
+    NaN or Inf, naming the first; one host sync and one small collective."""
+    names = [k for k, t in state.items() if t.is_floating_point()]
+    if not names:
+        return
+    ok = torch.stack([state[k].isfinite().all() for k in names])
+    if bool(ddp.all_reduce_mean((~ok).any().float()) > 0):
+        first = names[int((~ok).int().argmax())] if not bool(ok.all()) else "on another rank"
+        raise TrainingError(f"step {step}: {what} holds non-finite values ({first})")
+
+
+def check_before_save(losses: LossMeter, state: dict[str, Tensor], teacher: nn.Module, *, step: int) -> None:
+    """What a checkpoint write of step `step` waits for, on every rank (else TrainingError or RanksDiverged
+    on every rank): finite losses since the run began, a finite `state` to save and the same `teacher`
+    on every rank."""
+    losses.check(step)
+    check_finite(state, step=step, what="the checkpoint")
+    ddp.check_same_across_ranks(teacher)
+
+
+def checked(check: Callable[[], T], *, step: int, out: Path, advice: str) -> T:
+    """`check()`; its failure (TrainingError, RanksDiverged) re-raised as a TrainingError that also names
+    the step, the checkpoint of `out` that stays the newest and, for a diverged loss or state, `advice`."""
+    try:
+        return check()
+    except (TrainingError, ddp.RanksDiverged) as e:
+        latest = ckpt.latest_checkpoint(out, verify=False) if out.is_dir() else None
+        kept = f"the newest checkpoint stays {latest}" if latest else "no checkpoint was written"
+        if isinstance(e, ddp.RanksDiverged):
+            raise TrainingError(f"step {step}: {e}; {kept}") from e
+        raise TrainingError(f"{e}; {kept}; {advice}") from e
+
+
+def save_checkpoint(out: Path, step: int, groups: dict[str, dict[str, Tensor]], meta: dict, *, keep: int) -> Path:
+    """`checkpoints.save_checkpoint`, whose failure to write (e.g. a full disk: the half-written folder is
+    gone, older checkpoints are intact) is a TrainingError naming the step and the checkpoint kept."""
+    try:
+        return ckpt.save_checkpoint(out, step, groups, meta, keep=keep)
+    except OSError as e:
+        latest = ckpt.latest_checkpoint(out, verify=False)
+        raise TrainingError(f"step {step}: the checkpoint could not be written ({e}); the newest checkpoint, "
+                            f"{latest}, is kept: make room and continue with --resume") from e

@@ -8,25 +8,24 @@ checkpoint (student, teacher, optimizer, queue, RNG, smoother); `resume=True` co
 newest one exactly where it stopped (bit-identically on CPU with `deterministic`). At the end the
 teacher's backbone is exported to `backbone.safetensors` and measured by the kNN monitor.
 
-Faults. Before joining the process group or touching a GPU, every rank checks the settings, that a
-resumed folder holds a run of the same method and model, and that the run folder can be written and
-has room for a checkpoint (`checkpoints.check_run_dir`); the data is checked (`scan_image_folder`)
-before any model is built. A non-finite loss stops the run (`TrainingError` naming the first step
-whose loss was not finite; `LossMeter` spots it on the device without a sync) at the next log line
-or checkpoint, whichever comes first: every checkpoint write first verifies the losses since the last
-check, that student, teacher and queue hold only finite values (`check_finite`) and that the ranks'
-teachers agree, so a poisoned or diverged teacher is never saved and the newest checkpoint stays the
-last good one. We stop rather than skip such steps: by the time the host sees the loss, the
-optimizer and the teacher have already taken it in, and skipping would cost a sync every step. A
-rank that raises tells the others, which end within about a second (`distributed.abort`).
+Faults (the checks are shared with `fastse.semi`: `engine.runs`). Before joining the process group
+or touching a GPU, every rank checks the settings, that a resumed folder holds a run of the same
+method and model, and that the run folder can be written and has room for a checkpoint
+(`runs.preflight`); the data is checked (`scan_image_folder`) before any model is built. A
+non-finite loss stops the run (`TrainingError` naming the first step whose loss was not finite;
+`LossMeter` spots it on the device without a sync) at the next log line or checkpoint, whichever
+comes first: every checkpoint write first verifies the losses since the last check, that student,
+teacher and queue hold only finite values and that the ranks' teachers agree, so a poisoned or
+diverged teacher is never saved and the newest checkpoint stays the last good one. We stop rather
+than skip such steps: by the time the host sees the loss, the optimizer and the teacher have already
+taken it in, and skipping would cost a sync every step. A rank that raises tells the others, which
+end within about a second (`distributed.abort`). A resumed run's metrics.jsonl loses the lines of
+the steps after its checkpoint, which are written again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,8 +39,10 @@ from torch import Tensor
 from fastse import checkpoints as ckpt
 from fastse.config import PretrainConfig
 from fastse.engine import distributed as ddp
+from fastse.engine import runs
 from fastse.engine.logging import RunLog, progress_line
 from fastse.engine.optim import build_optimizer, lr_at, set_lr
+from fastse.engine.runs import LossMeter, TrainingError
 from fastse.methods import Method, build_method
 from fastse.smoothing import Smoother, cosine_momentum
 
@@ -52,55 +53,7 @@ _RESUMABLE = frozenset({"max_steps", "out", "wandb", "wandb_project", "log_every
 _FIXED = ("method", "arch", "cifar_stem", "proj_hidden_dim", "proj_dim", "pred_hidden_dim", "queue_size",
           "optimizer", "smoothing", "keep_prob", "granularity", "buffers")
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
-
-
-class LossMeter:
-    """Per-step losses summed on the device, and the first step whose loss was not finite (NaN or
-    Inf), both without a host sync; `mean` and `check` read them (on every rank: collectives)."""
-
-    def __init__(self, device: torch.device):
-        self.sum = torch.zeros((), device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.count = 0
-
-    def add(self, loss: Tensor, step: int) -> None:
-        """Count `loss` (a scalar tensor) as the loss of step `step`."""
-        self.sum += loss
-        self.count += 1
-        self.first_bad = torch.where(loss.isfinite() | (self.first_bad >= 0), self.first_bad, step)
-
-    def check(self, step: int) -> None:
-        """Raise TrainingError on every rank if any rank's loss was not finite since the run began
-        (`step`: the current step, for the message)."""
-        bad = ddp.all_gather_cat(self.first_bad[None])
-        bad = bad[bad >= 0]
-        if bad.numel():
-            raise TrainingError(f"the loss is not finite from step {int(bad.min())} on (found at step {step}): "
-                                "training diverged")
-
-    def mean(self, step: int) -> float:
-        """The mean loss over the ranks and the steps since the last call (then reset), after `check`."""
-        self.check(step)
-        mean = float(ddp.all_reduce_mean(self.sum / max(self.count, 1)))
-        self.sum.zero_()
-        self.count = 0
-        return mean
-
-
-@torch.no_grad()
-def check_finite(state: dict[str, Tensor], *, step: int, what: str = "the model") -> None:
-    """Raise TrainingError on every rank if a floating-point tensor of `state` (on any rank) holds a
-    NaN or Inf, naming the first; one host sync and one small collective."""
-    names = [k for k, t in state.items() if t.is_floating_point()]
-    if not names:
-        return
-    ok = torch.stack([state[k].isfinite().all() for k in names])
-    if bool(ddp.all_reduce_mean((~ok).any().float()) > 0):
-        first = names[int((~ok).int().argmax())] if not bool(ok.all()) else "on another rank"
-        raise TrainingError(f"step {step}: {what} holds non-finite values ({first})")
+__all__ = ["Trainer", "train", "TrainingError", "checkpoint_bytes"]
 
 
 def train(config: PretrainConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -113,17 +66,13 @@ class Trainer:
 
     def __init__(self, config: PretrainConfig, *, resume: bool = False):
         self.owns_group = not (dist.is_available() and dist.is_initialized())
-        if config.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # every rank checks everything it can before joining the group or touching a GPU
-        self.env = ddp.launch_env(config.device)
-        self.config = config.validate(self.env.world_size)
-        self.out = Path(config.out)
+        self.env, start = runs.preflight(config, resume=resume, fixed=_FIXED, checkpoint_bytes=checkpoint_bytes)
+        self.config, self.out = config, Path(config.out)
         self.cuda = self.env.device.type == "cuda"
         if config.syncbn and not self.cuda:
             raise ValueError("syncbn=True needs CUDA devices (SyncBatchNorm)")
-        start = self._find_checkpoint(resume)
-        ckpt.check_run_dir(self.out, checkpoint_bytes(config), keep=config.keep_ckpts)
+        runs.set_determinism(config.deterministic, self.cuda)
         self.env = ddp.init_distributed(config.device)
         try:
             self._build(start)
@@ -136,8 +85,7 @@ class Trainer:
     def _build(self, start: tuple[Path, dict] | None) -> None:
         """In the group: data (checked), method, optimizer, smoother, the resumed state, wrappers, run log."""
         config, env = self.config, self.env
-        _set_determinism(config.deterministic, self.cuda)
-        if start is not None and (changed := _changed_fields(start[1]["config"], config)):
+        if start is not None and (changed := runs.changed_fields(start[1]["config"], config.to_dict(), _RESUMABLE)):
             self.print(f"resuming with changed settings: {changed}")
 
         self.amp_dtype = torch.bfloat16 if self.cuda and config.dtype == "bf16" else None
@@ -152,9 +100,7 @@ class Trainer:
         self.stop_step = min(self.total_steps, config.max_steps or self.total_steps)
         self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
 
-        torch.manual_seed(config.seed)  # and the global RNGs that checkpoints hold: every run starts alike
-        random.seed(config.seed)
-        np.random.seed(config.seed)
+        runs.seed_all(config.seed)
         method = build_method(config)
         method.to(env.device)
         if config.channels_last:
@@ -184,7 +130,7 @@ class Trainer:
             student, teacher = torch.compile(student, dynamic=False), torch.compile(teacher, dynamic=False)
         method.wrap(student=student, teacher=teacher)
         self.log = RunLog(self.out, config.to_dict(), wandb=config.wandb, project=config.wandb_project,
-                          enabled=env.is_main)
+                          enabled=env.is_main, resume_step=self.step)
 
     # ------------------------------------------------------------------------------------ loop
 
@@ -289,7 +235,7 @@ class Trainer:
         c = self.config
         steps = self.step - window[0]
         epoch = self.step / self.steps_per_epoch
-        loss = self._checked(lambda: self.losses.mean(self.step))
+        loss = float(self._checked(lambda: self.losses.mean(self.step)))
         # the teacher update draws the same masks on every rank: verify it while syncing anyway
         checksum = self._checked(lambda: ddp.check_same_across_ranks(self.method.teacher))
         elapsed = time.perf_counter() - window[1]
@@ -332,42 +278,11 @@ class Trainer:
             print(text, flush=True)
 
     def _checked(self, check: Callable[[], Any]) -> Any:
-        """`check()`; its failure (TrainingError, RanksDiverged) re-raised as a TrainingError that also
-        names the step, the checkpoint that stays the newest and what to do."""
-        try:
-            return check()
-        except (TrainingError, ddp.RanksDiverged) as e:
-            latest = ckpt.latest_checkpoint(self.out, verify=False) if self.out.is_dir() else None
-            kept = f"the newest checkpoint stays {latest}" if latest else "no checkpoint was written"
-            if isinstance(e, ddp.RanksDiverged):
-                raise TrainingError(f"step {self.step}: {e}; {kept}") from e
-            raise TrainingError(f"{e}; {kept}; lower the learning rate (lr={self.config.lr} per 256 images) "
-                                "or check the data") from e
+        """`check()`, its failure a TrainingError naming the step, the checkpoint kept and what to do."""
+        advice = f"lower the learning rate (lr={self.config.lr} per 256 images) or check the data"
+        return runs.checked(check, step=self.step, out=self.out, advice=advice)
 
     # ----------------------------------------------------------------------------- checkpoints
-
-    def _find_checkpoint(self, resume: bool) -> tuple[Path, dict] | None:
-        """(path, meta) of the newest complete checkpoint to resume from (checksums verified); refuses
-        to overwrite another run's checkpoints, to start afresh over damaged ones, and to resume a run
-        of another method or model."""
-        latest = ckpt.latest_checkpoint(self.out) if self.out.is_dir() else None
-        if latest is None:
-            if damaged := sorted(p.name for p in (self.out / "checkpoints").glob("step-*")):
-                raise ckpt.CheckpointError(f"{self.out}: none of its checkpoints is complete ({', '.join(damaged)}): "
-                                           "remove them to start afresh, or choose another output folder")
-            if resume:
-                self.print(f"--resume: no checkpoint in {self.out}, starting from scratch")
-            return None
-        if not resume:
-            raise ckpt.CheckpointError(f"{self.out} already holds checkpoints ({latest.name}): "
-                                       "resume it (--resume) or choose another output folder")
-        meta = json.loads((latest / ckpt.META).read_text())
-        saved, now = meta.get("config", {}), self.config.to_dict()
-        if differ := [k for k in _FIXED if saved.get(k) != now[k]]:
-            was, asked = (", ".join(f"{k}={d.get(k)!r}" for k in differ) for d in (saved, now))
-            raise ckpt.CheckpointError(f"--resume: {self.out} holds a run with {was}, this one has {asked}: "
-                                       "resume with the run's settings or choose another output folder")
-        return latest, meta
 
     def _save(self) -> str:
         """Checkpoint the current step. Rank 0 writes; every rank first takes rank 0's buffers (BN
@@ -375,9 +290,8 @@ class Trainer:
         Nothing is written unless the losses since the last check were finite, the state to save is
         finite and the ranks' teachers agree (else TrainingError on every rank)."""
         ddp.broadcast_buffers(self.method)
-        self._checked(lambda: self.losses.check(self.step))
-        self._checked(lambda: check_finite(self.method.state_dict(), step=self.step, what="the checkpoint"))
-        self._checked(lambda: ddp.check_same_across_ranks(self.method.teacher))
+        self._checked(lambda: runs.check_before_save(self.losses, self.method.state_dict(), self.method.teacher,
+                                                     step=self.step))
         path = ""
         if self.env.is_main:
             opt_tensors, opt_layout = ckpt.optimizer_to_tensors(self.optimizer)
@@ -388,12 +302,7 @@ class Trainer:
             meta = {"config": self.config.to_dict(), "step": self.step, "epoch": self.step / self.steps_per_epoch,
                     "steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size,
                     "smoother": self.smoother.state_dict(), "optimizer_layout": opt_layout}
-            try:
-                path = str(ckpt.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
-            except OSError as e:  # e.g. the disk filled up: the half-written folder is gone, older ones are intact
-                latest = ckpt.latest_checkpoint(self.out, verify=False)
-                raise TrainingError(f"step {self.step}: the checkpoint could not be written ({e}); the newest "
-                                    f"checkpoint, {latest}, is kept: make room and continue with --resume") from e
+            path = str(runs.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
         ddp.barrier()
         return path
 
@@ -429,19 +338,6 @@ def checkpoint_bytes(config: PretrainConfig) -> int:
     size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
     trained = [p for p in method.student.parameters() if p.requires_grad]
     return size(method.state_dict().values()) + size(trained) + size(method.backbone.state_dict().values())
-
-
-def _set_determinism(on: bool, cuda: bool) -> None:
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    if cuda:
-        torch.backends.cudnn.benchmark = not on
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not on
-
-
-def _changed_fields(saved: dict[str, Any], config: PretrainConfig) -> str:
-    now = config.to_dict()
-    return ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items()
-                     if k not in _RESUMABLE and saved.get(k) != v)
 
 
 def _build_data(config: PretrainConfig, env: ddp.Dist, dtype: torch.dtype):

@@ -120,6 +120,8 @@ def choose_labeled(train: ImageFolderIndex, config: SemiConfig) -> np.ndarray:
     """`config.num_labels` indices into `train`, as many of each class, drawn by the split seed."""
     k, n = len(train.classes), config.num_labels
     counts = np.bincount(train.labels, minlength=k)
+    if n > len(train):
+        raise DataError(f"num_labels={n} is more than the {len(train)} training images of {train.root}")
     if n % k:
         raise DataError(f"num_labels={n} must be a multiple of the {k} classes of {train.root}")
     if n // k > counts.min():

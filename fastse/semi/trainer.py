@@ -6,30 +6,36 @@ of all three (bf16 autocast on CUDA) -> `fixmatch_loss` -> backward -> SGD step 
 loss terms are summed on the device and read, with the teacher statistics, every `log_every` steps.
 Every `eval_every` steps both models are evaluated on the test set (sharded over the ranks); the
 result reports the last accuracies and the median of the last 20 evaluations (FixMatch's way). Every
-`ckpt_every` steps and at the end rank 0 writes a checkpoint, each after a log line has found the loss
-finite and the ranks' teachers equal; `resume=True` continues from the newest one exactly where it
-stopped (bit-identically on CPU with `deterministic`).
+`ckpt_every` steps and at the end rank 0 writes a checkpoint; `resume=True` continues from the newest
+one exactly where it stopped (bit-identically on CPU with `deterministic`).
+
+Faults are met as in pretraining (`fastse.engine.runs`): every rank checks the settings, a resumed
+run's fixed settings (model, labels, teacher rule) and the run folder before it joins the process group
+or touches a GPU; the data is checked before any model is built; a non-finite loss stops the run at the
+next log line or checkpoint, and no checkpoint is written unless the losses so far and the state to
+save are finite and the ranks' teachers agree, so the newest checkpoint is always a good one; a rank
+that raises ends all ranks (`distributed.abort`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from fastse import checkpoints as ckpt
 from fastse.engine import distributed as ddp
+from fastse.engine import runs
 from fastse.engine.logging import RunLog
 from fastse.engine.optim import set_lr
-from fastse.engine.runs import changed_fields, find_checkpoint, set_determinism
+from fastse.engine.runs import TrainingError
 from fastse.models import WideResNet
 from fastse.pipelines.datasets import SPLIT_FILE, save_split
 from fastse.semi.config import SemiConfig
@@ -41,10 +47,10 @@ MEDIAN_OF = 20  # evaluations in the reported median
 # fields that may change between a run and its resumption without changing what is trained
 _RESUMABLE = frozenset({"max_steps", "out", "wandb", "wandb_project", "log_every", "eval_every", "ckpt_every",
                         "keep_ckpts", "device", "cache_dir", "compile", "data"})
+# fields a resumed run must share with its checkpoint: the model, labeled split and teacher rule it holds
+_FIXED = ("depth", "widen", "num_labels", "smoothing", "keep_prob", "granularity", "buffers")
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+__all__ = ["SemiTrainer", "train", "TrainingError", "checkpoint_bytes"]
 
 
 def train(config: SemiConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -57,15 +63,25 @@ class SemiTrainer:
 
     def __init__(self, config: SemiConfig, *, resume: bool = False):
         self.owns_group = not (dist.is_available() and dist.is_initialized())
-        if config.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.env = env = ddp.init_distributed(config.device)
-        self.config = c = config.validate(env.world_size)
-        self.out = Path(c.out)
-        self.cuda = env.device.type == "cuda"
-        set_determinism(c.deterministic, self.cuda)
-        start = find_checkpoint(self.out, resume, self.print)
-        if start is not None and (changed := changed_fields(start[1]["config"], c.to_dict(), _RESUMABLE)):
+        # every rank checks everything it can before joining the group or touching a GPU
+        self.env, start = runs.preflight(config, resume=resume, fixed=_FIXED, checkpoint_bytes=checkpoint_bytes)
+        self.config, self.out = config, Path(config.out)
+        self.cuda = self.env.device.type == "cuda"
+        runs.set_determinism(config.deterministic, self.cuda)
+        self.env = ddp.init_distributed(config.device)
+        try:
+            self._build(start)
+        except BaseException as e:
+            ddp.abort(e)
+            if self.owns_group:
+                ddp.cleanup()
+            raise
+
+    def _build(self, start: runs.Start | None) -> None:
+        """In the group: data (checked; the labeled split saved or read), models, optimizer, smoother, the
+        resumed state, wrappers, run log."""
+        c, env = self.config, self.env
+        if start is not None and (changed := runs.changed_fields(start[1]["config"], c.to_dict(), _RESUMABLE)):
             self.print(f"resuming with changed settings: {changed}")
 
         self.amp_dtype = torch.bfloat16 if self.cuda and c.dtype == "bf16" else None
@@ -76,14 +92,11 @@ class SemiTrainer:
                 data = build_data(c, env, self.amp_dtype or torch.float32, saved_split=saved_split)
             ddp.barrier()
         self.data: SemiData = data
-        if len(data.split) != c.num_labels:
-            raise ckpt.CheckpointError(f"{saved_split} holds {len(data.split)} labeled images, the run asks for "
-                                       f"num_labels={c.num_labels}")
         if start is None and env.is_main:
             save_split(self.out / SPLIT_FILE, data.split, data.train.files)
         self.stop_step = min(c.total_steps, c.max_steps or c.total_steps)
 
-        torch.manual_seed(c.seed)
+        runs.seed_all(c.seed)
         student = WideResNet(data.num_classes, c.depth, c.widen).to(env.device)
         if c.channels_last:
             student.to(memory_format=torch.channels_last)
@@ -116,7 +129,8 @@ class SemiTrainer:
             teacher = compile_(teacher)
             self.model.wrap(loss=compile_(fixmatch_loss))
         self.model.wrap(student=train_student, teacher=teacher)
-        self.log = RunLog(self.out, c.to_dict(), wandb=c.wandb, project=c.wandb_project, enabled=env.is_main)
+        self.log = RunLog(self.out, c.to_dict(), wandb=c.wandb, project=c.wandb_project, enabled=env.is_main,
+                          resume_step=self.step)
 
     # ------------------------------------------------------------------------------------ loop
 
@@ -127,7 +141,7 @@ class SemiTrainer:
                    f"process(es) on {env.device} | batch {c.labeled_batch} labeled + {c.unlabeled_batch} unlabeled "
                    f"| {self.stop_step} of {c.total_steps} steps{resumed}")
         result: dict[str, Any] = {"run_dir": str(self.out)}
-        sums, n = torch.zeros(len(STATS), device=env.device), 0
+        self.losses = runs.LossMeter(env.device, (len(STATS),))
         window = (self.step, time.perf_counter())  # (step, time) where the current steps/s window starts
         first_step = self.step
         saved = self.step if self.step else None  # a resumed run starts at its checkpoint
@@ -135,20 +149,20 @@ class SemiTrainer:
         batches = self.data.batches(self.step)
         try:
             while self.step < self.stop_step:
-                sums += self.train_step(next(batches))
-                self.step, n = self.step + 1, n + 1
+                stats = self.train_step(next(batches))
+                self.step += 1
+                self.losses.add(stats, self.step)  # steps count from 1, as in the log lines
                 if self.step == first_step + 1:
                     result["first_step_s"] = self._first_step_done(window[1])
                     window = (self.step, time.perf_counter())
-                last, save = self.step == self.stop_step, self.step % c.ckpt_every == 0
-                if self.step % c.log_every == 0 or last or save:  # a checkpoint only after a finite loss
-                    result.update(self._log_interval(sums / n, window))
-                    sums.zero_()
-                    n, window = 0, (self.step, time.perf_counter())
+                last = self.step == self.stop_step
+                if self.step % c.log_every == 0 or last:
+                    result.update(self._log_interval(window))
+                    window = (self.step, time.perf_counter())
                 if self.step % c.eval_every == 0 or last:
                     result.update(self._evaluate())
                     evaluated = self.step
-                if save or last:
+                if self.step % c.ckpt_every == 0 or last:
                     result["checkpoint"] = self._save()
                     saved = self.step
                 if evaluated == self.step or saved == self.step:
@@ -159,6 +173,9 @@ class SemiTrainer:
                 result["checkpoint"] = self._save()
             result.update(self._report())
             return result
+        except BaseException as e:
+            ddp.abort(e)
+            raise
         finally:
             self.log.close()
             if self.owns_group:
@@ -209,18 +226,13 @@ class SemiTrainer:
         self.log.log({"step": self.step, "first_step_s": seconds, "compiled": self.compiled})
         return seconds
 
-    def _log_interval(self, means: Tensor, window: tuple[int, float]) -> dict[str, Any]:
+    def _log_interval(self, window: tuple[int, float]) -> dict[str, Any]:
         """Read the mean loss terms since the last line and the teacher statistics (the host sync), check
         them, write one metrics line; steps/s over `window` = (first step, its start time)."""
         c = self.config
-        values = dict(zip(STATS, ddp.all_reduce_mean(means).tolist()))
-        if not np.isfinite(values["loss"]):
-            raise TrainingError(f"the loss is {values['loss']} at step {self.step}: training diverged; lower the "
-                                f"learning rate (lr={c.lr}) or check the data")
-        try:  # the teacher update draws the same masks on every rank: verify it while syncing anyway
-            ddp.check_same_across_ranks(self.model.teacher)
-        except ddp.RanksDiverged as e:
-            raise TrainingError(f"step {self.step}: {e}") from e
+        values = dict(zip(STATS, self._checked(lambda: self.losses.mean(self.step)).tolist()))
+        # the teacher update draws the same masks on every rank: verify it while syncing anyway
+        checksum = self._checked(lambda: ddp.check_same_across_ranks(self.model.teacher))
         elapsed, steps = time.perf_counter() - window[1], self.step - window[0]
         rate = steps / elapsed if elapsed > 0 and steps else 0.0
         correct = values.pop("correct")
@@ -229,6 +241,8 @@ class SemiTrainer:
              "steps_per_s": rate, "img_per_s": rate * (c.labeled_batch + c.unlabeled_batch)}
         if rate:
             m["eta_s"] = (self.stop_step - self.step) / rate
+        if checksum is not None:
+            m["teacher_checksum"] = list(checksum)
         self.log.log(m)
         self.print(_progress_line(m, self.stop_step))
         return {"loss": m["loss"], "steps_per_s": rate}
@@ -244,19 +258,18 @@ class SemiTrainer:
         return acc
 
     def _report(self) -> dict[str, Any]:
-        """The final line: last accuracies and the medians of the last `MEDIAN_OF` evaluations."""
+        """The final line: last accuracies, the medians of the last `MEDIAN_OF` evaluations and (DDP) the
+        teacher checksum, once every byte of the ranks' teachers is found equal."""
         last = self.evals[-MEDIAN_OF:]
         r = {"step": self.step, "teacher_acc": last[-1]["teacher_acc"], "student_acc": last[-1]["student_acc"],
              "teacher_acc_median": statistics.median(e["teacher_acc"] for e in last),
              "student_acc_median": statistics.median(e["student_acc"] for e in last), "evaluations": len(last)}
+        if self.env.world_size > 1:  # the checksums agreed at every log line; now every byte
+            checksum = self._checked(lambda: ddp.check_same_across_ranks(self.model.teacher, exact=True))
+            self.print(f"teacher parameters bit-identical on all {self.env.world_size} processes at step {self.step} "
+                       f"(checksum {checksum[0]:.17g})")
+            r.update(teacher_checksum=list(checksum), teacher_bit_identical=True)
         self.log.log({**r, "final": True})
-        if self.env.world_size > 1:
-            try:
-                ddp.check_same_across_ranks(self.model.teacher)
-            except ddp.RanksDiverged as e:
-                raise TrainingError(f"step {self.step}: {e}") from e
-            self.print(f"teacher parameters identical on all {self.env.world_size} processes (compared every "
-                       f"{self.config.log_every} steps and at the end)")
         self.print(f"final at step {self.step}: teacher ({self.config.smoothing}) top-1 {r['teacher_acc']:.2f}% "
                    f"(median of the last {len(last)} evaluations {r['teacher_acc_median']:.2f}%), student "
                    f"{r['student_acc']:.2f}% (median {r['student_acc_median']:.2f}%)")
@@ -266,12 +279,21 @@ class SemiTrainer:
         if self.env.is_main:
             print(text, flush=True)
 
+    def _checked(self, check: Callable[[], Any]) -> Any:
+        """`check()`, its failure a TrainingError naming the step, the checkpoint kept and what to do."""
+        advice = f"lower the learning rate (lr={self.config.lr}) or check the data"
+        return runs.checked(check, step=self.step, out=self.out, advice=advice)
+
     # ----------------------------------------------------------------------------- checkpoints
 
     def _save(self) -> str:
         """Checkpoint the current step. Rank 0 writes; every rank first takes rank 0's BN statistics
-        (each rank accumulates its own), so all hold the saved state."""
+        (each rank accumulates its own), so all hold the saved state. Nothing is written unless the
+        losses so far and the state to save are finite and the ranks' teachers agree (else TrainingError
+        on every rank)."""
         ddp.broadcast_buffers(self.model)
+        self._checked(lambda: runs.check_before_save(self.losses, self.model.state_dict(), self.model.teacher,
+                                                     step=self.step))
         path = ""
         if self.env.is_main:
             opt_tensors, opt_layout = ckpt.optimizer_to_tensors(self.optimizer)
@@ -279,7 +301,7 @@ class SemiTrainer:
                       "optimizer": opt_tensors, "rng": ckpt.rng_state()}
             meta = {"config": self.config.to_dict(), "step": self.step, "world_size": self.env.world_size,
                     "smoother": self.smoother.state_dict(), "optimizer_layout": opt_layout, "evals": self.evals}
-            path = str(ckpt.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
+            path = str(runs.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
         ddp.barrier()
         return path
 
@@ -294,6 +316,17 @@ class SemiTrainer:
 
 
 # --------------------------------------------------------------------------------------- helpers
+
+
+def checkpoint_bytes(config: SemiConfig) -> int:
+    """About the bytes of one checkpoint of `config`'s run: student and teacher (a WRN-depth-widen with
+    100 outputs, the most of the CIFAR sets: the classifier is a small part of it) and the SGD momentum
+    of every parameter. Counted on the meta device: no memory, no GPU."""
+    with torch.device("meta"):
+        student = WideResNet(100, config.depth, config.widen)
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
+    return 2 * size(student.state_dict().values()) + size(student.parameters())
+
 
 
 def _teacher_stats(smoother: Smoother) -> dict[str, float]:

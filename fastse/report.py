@@ -1,0 +1,449 @@
+"""Reports of training runs: one table per method with mean ± std across seeds, and accuracy curves.
+
+A run folder is what `fastse pretrain` or `fastse semi` writes: `metrics.jsonl`, `run.json` (the config,
+and per start of the run its time, command, commit and device; for runs older than it, the config of
+the newest checkpoint is read) and, after `fastse eval-linear` / `knn`, `eval.json`. Runs whose
+settings differ only in the seed (and in bookkeeping: paths, logging, devices) form a group: one row of
+the table, one line of the plot (mean across seeds, shaded from the lowest to the highest seed). Rows
+are labelled by what differs between the groups of a table, e.g. `ema` vs `sts p=0.7 tensor`.
+
+Pretraining tables (one per method) give the teacher's kNN top-1 at the last step and the top-1 of every
+eval.json protocol; FixMatch tables the smoothed model's (teacher's) test top-1, the median of its last
+20 evaluations (FixMatch's figure) and the last one, and the student's median. Accuracies are in %.
+Nothing here imports torch; matplotlib is imported (Agg, no pyplot) only to draw the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MEDIAN_OF = 20  # FixMatch reports the median of the last 20 evaluations
+TEACHER = ("smoothing", "keep_prob", "granularity")
+# settings that do not change what is trained or measured: runs differing only in these (and the seed) are seeds
+BOOKKEEPING = frozenset({
+    "seed", "split_seed", "out", "data", "cache_dir", "device", "loader", "compile", "channels_last", "deterministic",
+    "max_steps", "wandb", "wandb_project", "log_every", "knn_every", "ckpt_every", "keep_ckpts"})
+# the settings a table states when all its rows share them
+SHARED = {
+    "pretrain": ("arch", "dataset", "image_size", "limit", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
+                 "momentum", "momentum_schedule", "buffers", "knn_k"),
+    "semi": ("dataset", "depth", "widen", "num_labels", "total_steps", "labeled_batch", "mu", "threshold", "lr",
+             "momentum", "buffers", "teacher_targets", "eval_every"),
+}
+METHOD_NAMES = {"byol": "BYOL pretraining", "mocov2": "MoCo v2 pretraining", "fixmatch": "FixMatch"}
+EVAL_NAMES = {"knn": "kNN top-1 (fastse knn)"}  # other eval.json keys are linear protocols
+
+
+class ReportError(ValueError):
+    """A folder that is not a run, or runs that cannot be reported; the message names the path."""
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class Run:
+    """One run folder: its config, metrics lines (in file order), eval.json and recorded starts."""
+
+    path: Path
+    config: dict[str, Any]
+    lines: list[dict[str, Any]]
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    unreadable: int = 0  # metrics lines cut short by a crash
+
+    @property
+    def kind(self) -> str:
+        """"pretrain" or "semi"."""
+        return "semi" if "num_labels" in self.config else "pretrain"
+
+    @property
+    def method(self) -> str:
+        return self.config["method"] if self.kind == "pretrain" else "fixmatch"
+
+    @property
+    def seed(self) -> int:
+        return self.config.get("seed", 0)
+
+    def series(self, key: str) -> dict[int, dict[str, Any]]:
+        """step -> the last line at that step holding `key` (a resumed run rewrites the steps since its
+        checkpoint: the later line wins), in step order; FixMatch's `final` summary line left out."""
+        found = {m["step"]: m for m in self.lines if m.get(key) is not None and not m.get("final")}
+        return dict(sorted(found.items()))
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Read from any pretraining line holding both the step and the epoch (None before the first)."""
+        for m in self.lines:
+            if m.get("epoch") and m.get("step"):
+                return round(m["step"] / m["epoch"])
+        return None
+
+    @property
+    def progress(self) -> tuple[float, float]:
+        """(done, planned): epochs for pretraining, steps for FixMatch; planned is where the run stops
+        (its epochs, or max_steps if fewer)."""
+        step = max((m["step"] for m in self.lines if isinstance(m.get("step"), int)), default=0)
+        c = self.config
+        if self.kind == "semi":
+            return step, min(c["total_steps"], c.get("max_steps") or c["total_steps"])
+        spe = self.steps_per_epoch
+        if spe is None:
+            return 0, c["epochs"]
+        stop = min(c["epochs"] * spe, c.get("max_steps") or c["epochs"] * spe)
+        return step / spe, stop / spe
+
+    @property
+    def finished(self) -> bool:
+        """Pretraining: the kNN of the last step is logged; FixMatch: the final summary line is."""
+        planned = self.progress[1]
+        if self.kind == "semi":
+            return any(m.get("final") and m["step"] >= planned for m in self.lines)
+        spe = self.steps_per_epoch
+        return spe is not None and any(s >= round(planned * spe) for s in self.series("knn_top1"))
+
+    def curve(self) -> tuple[list[float], list[float]]:
+        """The plotted accuracy: kNN top-1 by epoch (pretraining) or teacher top-1 by step (FixMatch)."""
+        if self.kind == "semi":
+            s = self.series("teacher_acc")
+            return list(map(float, s)), [m["teacher_acc"] for m in s.values()]
+        s = self.series("knn_top1")
+        return [m["epoch"] for m in s.values()], [m["knn_top1"] for m in s.values()]
+
+    def values(self) -> dict[str, float]:
+        """Column key -> this run's figure (absent where the run has none)."""
+        out: dict[str, float] = {}
+        if self.kind == "semi":
+            for who in ("teacher", "student"):
+                accs = [m[f"{who}_acc"] for m in self.series("teacher_acc").values()]
+                if accs:
+                    out[f"{who}_median"] = statistics.median(accs[-MEDIAN_OF:])
+                    out[f"{who}_last"] = accs[-1]
+            return out
+        if knn := self.series("knn_top1"):
+            out["knn_top1"] = list(knn.values())[-1]["knn_top1"]
+        for key, entry in self.evals.items():
+            if isinstance(entry, dict) and isinstance(entry.get("top1"), (int, float)):
+                out[f"eval:{key}"] = entry["top1"]
+        return out
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run folder; ReportError if it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path}: no such folder")
+    if not (path / "metrics.jsonl").is_file():
+        raise ReportError(f"{path}: not a run folder (no metrics.jsonl; give the folders of fastse pretrain / semi)")
+    config, starts = _config(path)
+    if config is None:
+        raise ReportError(f"{path}: holds no run.json and no checkpoint, so its settings are unknown")
+    if "num_labels" not in config and config.get("method") not in ("byol", "mocov2"):
+        raise ReportError(f"{path}: not a pretraining or FixMatch run (its run.json is of "
+                          f"{config.get('eval', 'something else')!r})")
+    lines, unreadable = [], 0
+    for text in (path / "metrics.jsonl").read_text().splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:
+            unreadable += 1
+            continue
+        if isinstance(line, dict) and isinstance(line.get("step"), int):
+            lines.append(line)
+    evals = _json(path / "eval.json") or {}
+    return Run(path, config, lines, evals if isinstance(evals, dict) else {}, starts, unreadable)
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _config(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(config, starts) from run.json, else the config of the newest checkpoint that has its meta.json."""
+    info = _json(path / "run.json")
+    if isinstance(info, dict) and isinstance(info.get("config"), dict):
+        return info["config"], list(info.get("starts") or [])
+    for meta in sorted((path / "checkpoints").glob("step-*/meta.json"), reverse=True):
+        if isinstance(data := _json(meta), dict) and isinstance(data.get("config"), dict):
+            return data["config"], []
+    return None, []
+
+
+# ---------------------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Group:
+    """Runs that differ only in the seed: one table row."""
+
+    key: tuple
+    runs: list[Run]
+    label: str = ""
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.runs[0].config
+
+    def stat(self, column: str) -> tuple[float, float | None, int] | None:
+        """(mean, sample std or None for one value, number of runs with a value) of `column`."""
+        values = [v for r in self.runs if (v := r.values().get(column)) is not None]
+        if not values:
+            return None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
+
+    def curve(self) -> tuple[list[float], list[float], list[float], list[float]]:
+        """(x, mean, min, max) across the runs at every x where any run has a value."""
+        at: dict[float, list[float]] = {}
+        for run in self.runs:
+            for x, y in zip(*run.curve()):
+                at.setdefault(x, []).append(y)
+        xs = sorted(at)
+        return xs, [statistics.fmean(at[x]) for x in xs], [min(at[x]) for x in xs], [max(at[x]) for x in xs]
+
+
+@dataclass
+class Table:
+    """The groups of one kind and method, with the columns they have figures for."""
+
+    kind: str
+    method: str
+    groups: list[Group]
+
+    @property
+    def title(self) -> str:
+        return METHOD_NAMES.get(self.method, self.method)
+
+    @property
+    def slug(self) -> str:
+        return f"{self.kind}-{self.method}"
+
+    @property
+    def metric(self) -> str:
+        """The main column: what the plot shows and what "vs EMA" compares."""
+        return "teacher_median" if self.kind == "semi" else "knn_top1"
+
+    def columns(self) -> list[tuple[str, str]]:
+        """(key, header) of every figure column, in order."""
+        if self.kind == "semi":
+            median = f"(median of last {MEDIAN_OF})"
+            return [("teacher_median", f"teacher top-1 {median}"), ("teacher_last", "teacher top-1 (last)"),
+                    ("student_median", f"student top-1 {median}")]
+        evals = sorted({k for g in self.groups for r in g.runs for k in r.values() if k.startswith("eval:")})
+        return [("knn_top1", "kNN top-1")] + [
+            (k, EVAL_NAMES.get(k[5:], f"linear {k[5:]} top-1")) for k in evals]
+
+    def baseline(self, group: Group) -> Group | None:
+        """The EMA group with the same settings as `group` but the teacher rule (None for EMA rows)."""
+        if group.config.get("smoothing") == "ema":
+            return None
+        same = [g for g in self.groups if g.config.get("smoothing") == "ema" and
+                _without(g.key, TEACHER) == _without(group.key, TEACHER)]
+        return same[0] if len(same) == 1 else None
+
+    def shared(self) -> dict[str, Any]:
+        """The settings of SHARED that every row has alike (None values left out)."""
+        out = {}
+        for name in SHARED[self.kind]:
+            values = {json.dumps(g.config.get(name)) for g in self.groups}
+            if len(values) == 1 and (v := self.groups[0].config.get(name)) is not None:
+                out[name] = v
+        return out
+
+
+def _key(config: dict[str, Any]) -> tuple:
+    """What makes runs the same experiment: every setting but the seed and bookkeeping (and, under EMA,
+    keep_prob and granularity, which it does not use)."""
+    skip = BOOKKEEPING | ({"keep_prob", "granularity"} if config.get("smoothing") == "ema" else set())
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in skip))
+
+
+def _without(key: tuple, names: Iterable[str]) -> tuple:
+    return tuple(kv for kv in key if kv[0] not in names)
+
+
+def teacher_label(config: dict[str, Any]) -> str:
+    """`ema`, or `sts p=0.7 tensor` / `se p=0.7 element`."""
+    rule = config.get("smoothing", "?")
+    return rule if rule == "ema" else f"{rule} p={config.get('keep_prob')} {config.get('granularity')}"
+
+
+def build_tables(runs: list[Run]) -> list[Table]:
+    """Group `runs` (seeds of one experiment together) into one table per kind and method, in the order
+    the runs come; each group labelled by what differs from the other groups of its table."""
+    tables: dict[tuple[str, str], Table] = {}
+    for run in runs:
+        table = tables.setdefault((run.kind, run.method), Table(run.kind, run.method, []))
+        key = _key(run.config)
+        group = next((g for g in table.groups if g.key == key), None)
+        if group is None:
+            table.groups.append(group := Group(key, []))
+        group.runs.append(run)
+    for table in tables.values():
+        configs = [g.config for g in table.groups]
+        names = sorted({k for g in table.groups for k, _ in g.key})
+        differ = [k for k in names if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+        for g in table.groups:
+            g.runs.sort(key=lambda r: r.seed)
+            other = [f"{k}={g.config.get(k)}" for k in differ if k not in TEACHER]
+            show_teacher = not other or any(k in TEACHER for k in differ)
+            g.label = " ".join(([teacher_label(g.config)] if show_teacher else []) + other)
+    return list(tables.values())
+
+
+# -------------------------------------------------------------------------------------- markdown
+
+
+def _fmt(stat: tuple[float, float | None, int] | None, n: int) -> str:
+    if stat is None:
+        return "–"
+    mean, std, k = stat
+    text = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    return text if k == n else f"{text} ({k} of {n} runs)"
+
+
+def _delta(group: Group, base: Group | None, column: str) -> str:
+    """Difference of means from the EMA row, ± its standard error, and whether that is beyond the noise."""
+    a, b = group.stat(column), base.stat(column) if base else None
+    if a is None or b is None:
+        return "–"
+    delta = a[0] - b[0]
+    if a[1] is None or b[1] is None:
+        return f"{delta:+.2f} (one seed: noise unknown)"
+    se = math.sqrt(a[1] ** 2 / a[2] + b[1] ** 2 / b[2])
+    verdict = "beyond the noise" if abs(delta) > 2 * se else "inside the noise"
+    return f"{delta:+.2f} ± {se:.2f} ({verdict})"
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.2f}"
+
+
+def _progress(group: Group) -> str:
+    done = sorted({round(r.progress[0], 2) for r in group.runs})
+    planned = max(r.progress[1] for r in group.runs)
+    if done == [round(planned, 2)]:
+        return _num(planned)
+    return ("–".join(map(_num, (done[0], done[-1]))) if len(done) > 1 else _num(done[0])) + f" of {_num(planned)}"
+
+
+def _starts(runs: Iterable[Run], key: str) -> str:
+    values = sorted({str(s.get(key)) for r in runs for s in r.starts if s.get(key)})
+    if key == "commit":
+        values = sorted({v[:10] + ("-dirty" if v.endswith("-dirty") else "") for v in values})
+    return ", ".join(values) or "not recorded"
+
+
+def command_line(run: Run) -> str | None:
+    """The command of the run's latest start: `fastse ...` (the command line, however started) or
+    `python3 script.py ...`; None where it is not known (no run.json, or started from Python code)."""
+    argv = list(run.starts[-1].get("argv") or [""]) if run.starts else [""]
+    if Path(argv[0]).name == "fastse" or argv[0].endswith("cli/main.py"):
+        return shlex.join(["fastse", *argv[1:]])
+    return shlex.join(["python3", *argv]) if argv[0].endswith(".py") else None
+
+
+def markdown(tables: list[Table], title: str, images: dict[str, str] | None = None) -> str:
+    """The report: per table the shared settings, one row per group, the plot (`images`: slug -> file
+    name) and the runs with their device, commit and command."""
+    out = [f"# {title}", ""]
+    for t in tables:
+        cols = t.columns()
+        with_delta = any(t.baseline(g) for g in t.groups)
+        unit = "epochs" if t.kind == "pretrain" else "steps"
+        out += [f"## {t.title}", ""]
+        if shared := t.shared():
+            out += ["Shared settings: " + ", ".join(f"{k}={v}" for k, v in shared.items()) + ".", ""]
+        header = ["run", "seeds", unit, *[h + " %" for _, h in cols[:1]]]
+        header += [f"{cols[0][1]}: vs EMA"] * with_delta + [h + " %" for _, h in cols[1:]] + ["GPU", "commit"]
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for g in t.groups:
+            n = len(g.runs)
+            cells = [g.label, ", ".join(str(r.seed) for r in g.runs), _progress(g), _fmt(g.stat(cols[0][0]), n)]
+            cells += [_delta(g, t.baseline(g), t.metric)] * with_delta
+            cells += [_fmt(g.stat(k), n) for k, _ in cols[1:]] + [_starts(g.runs, "device"), _starts(g.runs, "commit")]
+            out.append("| " + " | ".join(cells) + " |")
+        out += ["", "Mean ± sample standard deviation across seeds (the std only with 2 or more seeds)."]
+        if with_delta:
+            out.append("vs EMA: difference of means from the EMA row with the same settings, ± its standard error "
+                       "sqrt(s1²/n1 + s2²/n2); inside the noise where |difference| <= 2 standard errors.")
+        if images and t.slug in images:
+            out += ["", f"![{t.title}]({images[t.slug]})"]
+        out += ["", "Runs:", ""]
+        for g in t.groups:
+            for r in g.runs:
+                figures = ", ".join(f"{h} {v:.2f}" for k, h in cols if (v := r.values().get(k)) is not None)
+                done, planned = r.progress
+                notes = [f"{_num(done)} of {_num(planned)} {unit}"] * (not r.finished)
+                notes += [f"{r.unreadable} unreadable metrics line(s)"] * bool(r.unreadable)
+                cmd = command_line(r)
+                out.append(f"- `{r.path}` ({g.label}, seed {r.seed}): {figures or 'no figures yet'}"
+                           + "".join(f"; {x}" for x in notes)
+                           + f"; {_starts([r], 'device')}; commit {_starts([r], 'commit')}"
+                           + (f"; `{cmd}`" if cmd else ""))
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+# ----------------------------------------------------------------------------------------- plots
+
+
+def plot(table: Table, path: str | Path) -> Path:
+    """Draw `table`'s main accuracy curve (kNN top-1 by epoch, or teacher top-1 by step), one line per
+    group (the mean across seeds) with its lowest-to-highest band, into the PNG file `path`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for g in table.groups:
+        xs, mean, low, high = g.curve()
+        if not xs:
+            continue
+        (line,) = ax.plot(xs, mean, marker="o" if len(xs) < 30 else None, markersize=3,
+                          label=f"{g.label} (n={len(g.runs)})")
+        if len(g.runs) > 1:
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    semi = table.kind == "semi"
+    ax.set_xlabel("step" if semi else "epoch")
+    ax.set_ylabel("teacher test top-1 (%)" if semi else "teacher kNN top-1 (%)")
+    ax.set_title(f"{table.title}: mean over seeds, band from lowest to highest", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def write_report(run_dirs: Iterable[str | Path], out: str | Path, *, title: str = "fastse results"
+                 ) -> tuple[Path, str]:
+    """Read the run folders, write `out/report.md` and one PNG per table; return (report path, markdown)."""
+    runs, seen = [], set()
+    for d in run_dirs:
+        if (resolved := Path(d).resolve()) in seen:
+            raise ReportError(f"{d}: given twice")
+        seen.add(resolved)
+        runs.append(load_run(d))
+    if not runs:
+        raise ReportError("no run folders given")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(runs)
+    images = {t.slug: plot(t, out / f"{t.slug}.png").name for t in tables}
+    text = markdown(tables, title, images)
+    (out / "report.md").write_text(text + "\n")
+    return out / "report.md", text
