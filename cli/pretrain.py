@@ -23,6 +23,7 @@ CHOICES = {
     "granularity": ("tensor", "channel", "element"),
     "momentum_schedule": ("cosine", "constant"),
     "wandb": ("auto", "online", "offline", "disabled"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -57,6 +58,8 @@ def _choice(name: str) -> click.Choice:
               help="Two-view augmentation recipe [default: the method's own].")
 @click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto].")
 @click.option("--compile/--no-compile", default=None, help="torch.compile student and teacher [default: on CUDA].")
+@click.option("--compile-mode", type=_choice("compile_mode"),
+              help="torch.compile mode (reduce-overhead: CUDA graphs) [default: default].")
 @click.option("--syncbn/--no-syncbn", default=None, help="SyncBatchNorm in student and teacher.")
 @click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels.")
 @click.option("--max-steps", type=int, help="Stop after N steps in total (checkpointed; schedules keep --epochs).")

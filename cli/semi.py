@@ -17,6 +17,7 @@ CHOICES = {
     "granularity": ("tensor", "channel", "element"),
     "buffers": ("copy", "ema"),
     "wandb": ("auto", "online", "offline", "disabled"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -50,6 +51,8 @@ def _choice(name: str) -> click.Choice:
 @click.option("--buffers", type=_choice("buffers"), help="Teacher BN statistics from the student's [default: copy].")
 @click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto].")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the models and loss [default: on CUDA].")
+@click.option("--compile-mode", type=_choice("compile_mode"),
+              help="torch.compile mode (reduce-overhead: CUDA graphs) [default: default].")
 @click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels.")
 @click.option("--seed", type=int)
 @click.option("--eval-every", type=int, help="Steps between test-set evaluations [default: 1024].")

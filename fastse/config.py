@@ -20,6 +20,7 @@ OPTIMIZERS = ("sgd", "lars")
 MOMENTUM_SCHEDULES = ("cosine", "constant")
 LOADERS = ("auto", "tensor", "dali")
 DTYPES = ("bf16", "fp32")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 AUGMENTATIONS = ("byol", "mocov2", "simclr")  # = fastse.pipelines.recipes.AUGMENTATIONS (a test checks)
 DATASETS = ("cifar10", "cifar100", "imagenet")
@@ -77,6 +78,7 @@ class PretrainConfig:
     dtype: str = "bf16"                 # autocast dtype on CUDA (CPU runs fp32)
     channels_last: bool = True
     compile: bool | None = None         # torch.compile student and teacher; None: on CUDA
+    compile_mode: str = "default"       # torch.compile mode; reduce-overhead replays CUDA graphs
     syncbn: bool = False                # SyncBatchNorm in student and teacher (DDP)
     seed: int = 0
     deterministic: bool = False         # deterministic kernels (bit-identical resume)
@@ -130,6 +132,7 @@ class PretrainConfig:
         if self.augmentation is not None:
             _choice("augmentation", self.augmentation, AUGMENTATIONS)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _choice("wandb", self.wandb, WANDB_MODES)
         if self.dataset is not None:
             _choice("dataset", self.dataset, DATASETS)

@@ -46,7 +46,8 @@ def test_cli_choices_match_the_library():
 
     library = {"method": cfg.METHODS, "arch": ARCHS, "dataset": cfg.DATASETS, "loader": cfg.LOADERS,
                "optimizer": cfg.OPTIMIZERS, "smoothing": RULES, "granularity": GRANULARITIES,
-               "momentum_schedule": cfg.MOMENTUM_SCHEDULES, "wandb": cfg.WANDB_MODES, "augmentation": cfg.AUGMENTATIONS}
+               "momentum_schedule": cfg.MOMENTUM_SCHEDULES, "wandb": cfg.WANDB_MODES, "augmentation": cfg.AUGMENTATIONS,
+               "compile_mode": cfg.COMPILE_MODES}
     assert {k: tuple(v) for k, v in library.items()} == cli.CHOICES
     from fastse.pipelines.recipes import AUGMENTATIONS, RECIPES
 

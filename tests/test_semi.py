@@ -138,10 +138,11 @@ def test_presets_and_cli_choices():
         assert (c.labeled_batch, c.mu, c.threshold, c.lambda_u, c.lr, c.total_steps) == (64, 7, 0.95, 1.0, 0.03, 2**20)
         assert (c.smoothing, c.keep_prob, c.momentum, c.teacher_targets) == ("sts", 0.5, 0.999, False)
         c.validate(world_size=8)
+    from fastse.config import COMPILE_MODES
     from fastse.smoothing import GRANULARITIES, RULES
 
     library = {"dataset": cfg.DATASETS, "smoothing": RULES, "granularity": GRANULARITIES, "buffers": cfg.BUFFER_MODES,
-               "wandb": cfg.WANDB_MODES}
+               "wandb": cfg.WANDB_MODES, "compile_mode": COMPILE_MODES}
     assert {k: tuple(v) for k, v in library.items()} == cli.CHOICES
     with pytest.raises(ValueError, match="labeled_batch=64 is not divisible by the 3 processes"):
         c10.validate(world_size=3)

@@ -299,3 +299,18 @@ def test_diverged_teachers_stop_every_rank(fault):
         assert all("differs bitwise from rank 0" in results[r] for r in (0, 1)), results
     else:
         assert results[0] == results[1] and isinstance(results[0], tuple), results  # the shared checksum
+
+
+@pytest.mark.parametrize("mode,marks", [("default", 0), ("reduce-overhead", 3)])
+def test_compile_mode_reaches_torch_compile_and_cuda_graph_steps_are_marked(tiny_cifar, tmp_path, monkeypatch,
+                                                                             mode, marks):
+    import fastse.engine.base as base
+
+    modes, marked = [], []
+    monkeypatch.setattr(base.torch, "compile", lambda fn, **kw: modes.append(kw) or fn)
+    monkeypatch.setattr(base.torch.compiler, "cudagraph_mark_step_begin", lambda: marked.append(1))
+    Trainer(small(tiny_cifar, tmp_path / "run", compile=True, compile_mode=mode, max_steps=3, knn_every=0)).fit()
+    assert modes == [{"dynamic": False, "mode": None if mode == "default" else mode}] * 2  # student, teacher
+    assert len(marked) == marks
+    with pytest.raises(ValueError, match="compile_mode='fast' is not one of default, reduce-overhead"):
+        small(tiny_cifar, tmp_path / "x", compile_mode="fast").validate()

@@ -25,21 +25,19 @@ the steps after its checkpoint, which are written again.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from fastse import checkpoints as ckpt
 from fastse.config import PretrainConfig
 from fastse.engine import distributed as ddp
 from fastse.engine import runs
+from fastse.engine.base import RunTrainer
 from fastse.engine.logging import RunLog, progress_line
 from fastse.engine.optim import build_optimizer, lr_at, set_lr
 from fastse.engine.runs import LossMeter, TrainingError
@@ -48,7 +46,7 @@ from fastse.smoothing import Smoother, cosine_momentum
 
 # fields that may change between a run and its resumption without changing what is trained
 _RESUMABLE = frozenset({"max_steps", "out", "wandb", "wandb_project", "log_every", "knn_every", "ckpt_every",
-                        "keep_ckpts", "device", "loader", "cache_dir", "compile", "data"})
+                        "keep_ckpts", "device", "loader", "cache_dir", "compile", "compile_mode", "data"})
 # fields a resumed run must share with its checkpoint: the model, optimizer and teacher rule it holds
 _FIXED = ("method", "arch", "cifar_stem", "proj_hidden_dim", "proj_dim", "pred_hidden_dim", "queue_size",
           "optimizer", "smoothing", "keep_prob", "granularity", "buffers")
@@ -61,34 +59,22 @@ def train(config: PretrainConfig, *, resume: bool = False) -> dict[str, Any]:
     return Trainer(config, resume=resume).fit()
 
 
-class Trainer:
+class Trainer(RunTrainer):
     """Builds everything in `__init__` (joining the torchrun process group, if any); `fit` trains."""
 
+    fixed, resumable = _FIXED, _RESUMABLE
+    compiled_what, lr_unit = "student and teacher", " per 256 images"
+
     def __init__(self, config: PretrainConfig, *, resume: bool = False):
-        self.owns_group = not (dist.is_available() and dist.is_initialized())
-        # every rank checks everything it can before joining the group or touching a GPU
-        self.env, start = runs.preflight(config, resume=resume, fixed=_FIXED, checkpoint_bytes=checkpoint_bytes)
-        self.config, self.out = config, Path(config.out)
-        self.cuda = self.env.device.type == "cuda"
-        if config.syncbn and not self.cuda:
+        super().__init__(config, resume=resume, checkpoint_bytes=checkpoint_bytes)
+
+    def _check_env(self) -> None:
+        if self.config.syncbn and not self.cuda:
             raise ValueError("syncbn=True needs CUDA devices (SyncBatchNorm)")
-        runs.set_determinism(config.deterministic, self.cuda)
-        self.env = ddp.init_distributed(config.device)
-        try:
-            self._build(start)
-        except BaseException as e:
-            ddp.abort(e)
-            if self.owns_group:
-                ddp.cleanup()
-            raise
 
     def _build(self, start: tuple[Path, dict] | None) -> None:
         """In the group: data (checked), method, optimizer, smoother, the resumed state, wrappers, run log."""
         config, env = self.config, self.env
-        if start is not None and (changed := runs.changed_fields(start[1]["config"], config.to_dict(), _RESUMABLE)):
-            self.print(f"resuming with changed settings: {changed}")
-
-        self.amp_dtype = torch.bfloat16 if self.cuda and config.dtype == "bf16" else None
         data = None
         for first in (True, False):  # local rank 0 downloads, decodes and caches first; the others reuse it
             if (env.local_rank == 0) == first:
@@ -113,21 +99,16 @@ class Trainer:
         self.smoother = Smoother(*method.smoothing_pairs(), rule=config.smoothing, keep_prob=config.keep_prob,
                                  momentum=config.momentum, granularity=config.granularity, buffers=config.buffers,
                                  seed=config.seed)
-        self.step = 0
         if start is not None:
             self._load(*start)
-        steps = ddp.all_gather_cat(torch.tensor([self.step], device=env.device))
-        if not bool((steps == self.step).all()):
-            raise ckpt.CheckpointError(f"the processes start at different steps {steps.tolist()}: {self.out} must be "
-                                       "a folder that every node reads (shared storage)")
+        self.check_same_start()
 
         student, teacher = method.student, method.teacher
         if env.world_size > 1:
             student = torch.nn.parallel.DistributedDataParallel(
                 student, device_ids=[env.device.index] if self.cuda else None, gradient_as_bucket_view=True)
-        self.compiled = self.cuda if config.compile is None else config.compile
         if self.compiled:  # static shapes (drop_last): each graph is compiled once
-            student, teacher = torch.compile(student, dynamic=False), torch.compile(teacher, dynamic=False)
+            student, teacher = self.compile(student), self.compile(teacher)
         method.wrap(student=student, teacher=teacher)
         self.log = RunLog(self.out, config.to_dict(), wandb=config.wandb, project=config.wandb_project,
                           enabled=env.is_main, resume_step=self.step)
@@ -199,6 +180,7 @@ class Trainer:
     def train_step(self, views: tuple[Tensor, ...]) -> Tensor:
         """One optimisation step and teacher update; returns the loss (on the device, detached)."""
         c = self.config
+        self.step_begin()
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, c.scaled_lr, self.warmup_steps))
         with self._autocast():
             loss = self.method(views)
@@ -214,20 +196,6 @@ class Trainer:
         if c.momentum_schedule == "cosine":
             return cosine_momentum(step, self.total_steps, base=c.momentum)
         return c.momentum
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
-
-    def _first_step_done(self, started: float) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        what = "torch.compile of student and teacher + first step" if self.compiled else "first step"
-        self.print(f"{what}: {seconds:.1f} s")
-        self.log.log({"step": self.step, "first_step_s": seconds, "compiled": self.compiled})
-        return seconds
 
     def _log_interval(self, window: tuple[int, float]) -> dict[str, Any]:
         """Read the mean loss since the last line and the teacher statistics (the host sync), check
@@ -272,15 +240,6 @@ class Trainer:
                        f"({time.perf_counter() - started:.1f} s)")
         ddp.barrier()
         return out
-
-    def print(self, text: str) -> None:
-        if self.env.is_main:
-            print(text, flush=True)
-
-    def _checked(self, check: Callable[[], Any]) -> Any:
-        """`check()`, its failure a TrainingError naming the step, the checkpoint kept and what to do."""
-        advice = f"lower the learning rate (lr={self.config.lr} per 256 images) or check the data"
-        return runs.checked(check, step=self.step, out=self.out, advice=advice)
 
     # ----------------------------------------------------------------------------- checkpoints
 

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from fastse.config import COMPILE_MODES
 from fastse.smoothing import GRANULARITIES, RULES
 
 DATASETS = ("cifar10", "cifar100")
@@ -57,6 +58,7 @@ class SemiConfig:
     dtype: str = "bf16"                 # autocast dtype on CUDA (CPU runs fp32)
     channels_last: bool = True
     compile: bool | None = None         # torch.compile student, teacher and loss; None: on CUDA
+    compile_mode: str = "default"       # torch.compile mode; reduce-overhead replays CUDA graphs
     seed: int = 0
     deterministic: bool = False         # deterministic kernels (bit-identical resume)
     # monitoring and output
@@ -86,7 +88,8 @@ class SemiConfig:
     def validate(self, world_size: int = 1) -> SemiConfig:
         """Raise ValueError with one clear line for an impossible setting; return self."""
         for name, choices in (("smoothing", RULES), ("granularity", GRANULARITIES), ("buffers", BUFFER_MODES),
-                              ("dtype", DTYPES), ("wandb", WANDB_MODES)):
+                              ("dtype", DTYPES), ("wandb", WANDB_MODES),
+                              ("compile_mode", COMPILE_MODES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
         if self.dataset is not None and self.dataset not in DATASETS:

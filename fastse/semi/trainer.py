@@ -19,10 +19,8 @@ that raises ends all ranks (`distributed.abort`).
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from torch import Tensor
 from fastse import checkpoints as ckpt
 from fastse.engine import distributed as ddp
 from fastse.engine import runs
+from fastse.engine.base import RunTrainer
 from fastse.engine.logging import RunLog
 from fastse.engine.optim import set_lr
 from fastse.engine.runs import TrainingError
@@ -46,7 +45,7 @@ from fastse.smoothing import Smoother
 MEDIAN_OF = 20  # evaluations in the reported median
 # fields that may change between a run and its resumption without changing what is trained
 _RESUMABLE = frozenset({"max_steps", "out", "wandb", "wandb_project", "log_every", "eval_every", "ckpt_every",
-                        "keep_ckpts", "device", "cache_dir", "compile", "data"})
+                        "keep_ckpts", "device", "cache_dir", "compile", "compile_mode", "data"})
 # fields a resumed run must share with its checkpoint: the model, labeled split and teacher rule it holds
 _FIXED = ("depth", "widen", "num_labels", "smoothing", "keep_prob", "granularity", "buffers")
 
@@ -58,33 +57,19 @@ def train(config: SemiConfig, *, resume: bool = False) -> dict[str, Any]:
     return SemiTrainer(config, resume=resume).fit()
 
 
-class SemiTrainer:
+class SemiTrainer(RunTrainer):
     """Builds everything in `__init__` (joining the torchrun process group, if any); `fit` trains."""
 
+    fixed, resumable = _FIXED, _RESUMABLE
+    compiled_what = "student, teacher and loss"
+
     def __init__(self, config: SemiConfig, *, resume: bool = False):
-        self.owns_group = not (dist.is_available() and dist.is_initialized())
-        # every rank checks everything it can before joining the group or touching a GPU
-        self.env, start = runs.preflight(config, resume=resume, fixed=_FIXED, checkpoint_bytes=checkpoint_bytes)
-        self.config, self.out = config, Path(config.out)
-        self.cuda = self.env.device.type == "cuda"
-        runs.set_determinism(config.deterministic, self.cuda)
-        self.env = ddp.init_distributed(config.device)
-        try:
-            self._build(start)
-        except BaseException as e:
-            ddp.abort(e)
-            if self.owns_group:
-                ddp.cleanup()
-            raise
+        super().__init__(config, resume=resume, checkpoint_bytes=checkpoint_bytes)
 
     def _build(self, start: runs.Start | None) -> None:
         """In the group: data (checked; the labeled split saved or read), models, optimizer, smoother, the
         resumed state, wrappers, run log."""
         c, env = self.config, self.env
-        if start is not None and (changed := runs.changed_fields(start[1]["config"], c.to_dict(), _RESUMABLE)):
-            self.print(f"resuming with changed settings: {changed}")
-
-        self.amp_dtype = torch.bfloat16 if self.cuda and c.dtype == "bf16" else None
         saved_split = self.out / SPLIT_FILE if start is not None else None
         data = None
         for first in (True, False):  # local rank 0 downloads, decodes and caches first; the others reuse it
@@ -111,23 +96,18 @@ class SemiTrainer:
         self.step, self.evals = 0, []
         if start is not None:
             self._load(*start)
-        steps = ddp.all_gather_cat(torch.tensor([self.step], device=env.device))
-        if not bool((steps == self.step).all()):
-            raise ckpt.CheckpointError(f"the processes start at different steps {steps.tolist()}: {self.out} must be "
-                                       "a folder that every node reads (shared storage)")
+        self.check_same_start()
 
         train_student, teacher = student, self.model.teacher
         if env.world_size > 1:
             train_student = torch.nn.parallel.DistributedDataParallel(
                 student, device_ids=[env.device.index] if self.cuda else None, gradient_as_bucket_view=True)
-        self.compiled = self.cuda if c.compile is None else c.compile
         self.eval_student = student  # evaluated without DDP (no collectives in its forward)
         if self.compiled:  # static shapes: each graph (student train and eval, teacher, loss) is compiled once
-            compile_ = lambda f: torch.compile(f, dynamic=False)
-            self.eval_student = compile_(student)
-            train_student = self.eval_student if env.world_size == 1 else compile_(train_student)
-            teacher = compile_(teacher)
-            self.model.wrap(loss=compile_(fixmatch_loss))
+            self.eval_student = self.compile(student)
+            train_student = self.eval_student if env.world_size == 1 else self.compile(train_student)
+            teacher = self.compile(teacher)
+            self.model.wrap(loss=self.compile(fixmatch_loss))
         self.model.wrap(student=train_student, teacher=teacher)
         self.log = RunLog(self.out, c.to_dict(), wandb=c.wandb, project=c.wandb_project, enabled=env.is_main,
                           resume_step=self.step)
@@ -183,6 +163,7 @@ class SemiTrainer:
 
     def train_step(self, batch: Batch) -> Tensor:
         """One optimisation step and teacher update; returns the `STATS` vector (on the device, detached)."""
+        self.step_begin()
         set_lr(self.optimizer, fixmatch_lr(self.step, self.config.total_steps, self.config.lr))
         with self._autocast():
             loss, stats = self.model(*batch)
@@ -211,20 +192,6 @@ class SemiTrainer:
             dist.all_reduce(correct)
         teacher, student = (100.0 * v / d.n_test for v in correct.tolist())
         return {"teacher_acc": teacher, "student_acc": student}
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
-
-    def _first_step_done(self, started: float) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        what = "torch.compile of student, teacher and loss + first step" if self.compiled else "first step"
-        self.print(f"{what}: {seconds:.1f} s")
-        self.log.log({"step": self.step, "first_step_s": seconds, "compiled": self.compiled})
-        return seconds
 
     def _log_interval(self, window: tuple[int, float]) -> dict[str, Any]:
         """Read the mean loss terms since the last line and the teacher statistics (the host sync), check
@@ -274,15 +241,6 @@ class SemiTrainer:
                    f"(median of the last {len(last)} evaluations {r['teacher_acc_median']:.2f}%), student "
                    f"{r['student_acc']:.2f}% (median {r['student_acc_median']:.2f}%)")
         return r
-
-    def print(self, text: str) -> None:
-        if self.env.is_main:
-            print(text, flush=True)
-
-    def _checked(self, check: Callable[[], Any]) -> Any:
-        """`check()`, its failure a TrainingError naming the step, the checkpoint kept and what to do."""
-        advice = f"lower the learning rate (lr={self.config.lr}) or check the data"
-        return runs.checked(check, step=self.step, out=self.out, advice=advice)
 
     # ----------------------------------------------------------------------------- checkpoints
 

@@ -1,0 +1,106 @@
+"""What the pretraining and FixMatch loops share around their step.
+
+`RunTrainer.__init__` checks everything it can before joining the process group or touching a GPU
+(`runs.preflight`), joins the group, sets determinism, then calls the subclass's `_build(start)`
+(data, models, optimizer, smoother, resumed state), ending every rank if any of that fails. The rest:
+bf16 autocast, `torch.compile` with the configured mode, the first-step (compile) timing, rank-0
+printing and checks whose failure becomes a `TrainingError` naming the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fastse import checkpoints as ckpt
+from fastse.engine import distributed as ddp
+from fastse.engine import runs
+
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
+class RunTrainer:
+    """Base of `Trainer` and `SemiTrainer`. Subclasses set `fixed` (settings a resumed run must share
+    with its checkpoint), `resumable` (settings that may change on resume without a note), `compiled_what`
+    and `lr_unit`, and implement `_build`."""
+
+    fixed: tuple[str, ...] = ()
+    resumable: frozenset[str] = frozenset()
+    compiled_what = "the models"
+    lr_unit = ""
+
+    def __init__(self, config: Any, *, resume: bool, checkpoint_bytes: Callable[[Any], int]):
+        self.owns_group = not (dist.is_available() and dist.is_initialized())
+        # every rank checks everything it can before joining the group or touching a GPU
+        self.env, start = runs.preflight(config, resume=resume, fixed=self.fixed, checkpoint_bytes=checkpoint_bytes)
+        self.config, self.out = config, Path(config.out)
+        self.cuda = self.env.device.type == "cuda"
+        self._check_env()
+        runs.set_determinism(config.deterministic, self.cuda)
+        self.env = ddp.init_distributed(config.device)
+        try:
+            if start is not None and (changed := runs.changed_fields(start[1]["config"], config.to_dict(),
+                                                                     self.resumable)):
+                self.print(f"resuming with changed settings: {changed}")
+            self.amp_dtype = torch.bfloat16 if self.cuda and config.dtype == "bf16" else None
+            self.compiled = self.cuda if config.compile is None else config.compile
+            self.step = 0
+            self._build(start)
+        except BaseException as e:
+            ddp.abort(e)
+            if self.owns_group:
+                ddp.cleanup()
+            raise
+
+    def _check_env(self) -> None:
+        """Refuse settings this device cannot run (called before joining the process group)."""
+
+    def _build(self, start: runs.Start | None) -> None:
+        raise NotImplementedError
+
+    def compile(self, fn: Callable) -> Callable:
+        """`fn` compiled for static shapes (each graph once) in the configured mode."""
+        mode = self.config.compile_mode
+        return torch.compile(fn, dynamic=False, mode=None if mode == "default" else mode)
+
+    def step_begin(self) -> None:
+        """Mark a new training step for CUDA-graph modes (the previous step's graph outputs are dead)."""
+        if self.compiled and self.config.compile_mode in CUDAGRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def check_same_start(self) -> None:
+        """Every process starts at the same step (a resumed folder every node reads)."""
+        steps = ddp.all_gather_cat(torch.tensor([self.step], device=self.env.device))
+        if not bool((steps == self.step).all()):
+            raise ckpt.CheckpointError(f"the processes start at different steps {steps.tolist()}: {self.out} must be "
+                                       "a folder that every node reads (shared storage)")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def _first_step_done(self, started: float) -> float:
+        """Seconds since `started` of the first step, compilation included: printed and logged."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        what = f"torch.compile of {self.compiled_what} + first step" if self.compiled else "first step"
+        self.print(f"{what}: {seconds:.1f} s")
+        self.log.log({"step": self.step, "first_step_s": seconds, "compiled": self.compiled})
+        return seconds
+
+    def print(self, text: str) -> None:
+        if self.env.is_main:
+            print(text, flush=True)
+
+    def _checked(self, check: Callable[[], Any]) -> Any:
+        """`check()`, its failure a TrainingError naming the step, the checkpoint kept and what to do."""
+        advice = f"lower the learning rate (lr={self.config.lr}{self.lr_unit}) or check the data"
+        return runs.checked(check, step=self.step, out=self.out, advice=advice)
