@@ -6,9 +6,8 @@ runs this command with the same flags.
 
 from __future__ import annotations
 
-import re
-
 import click
+from fastse.cli.training import engine_options, run_training
 
 # the same lists as fastse.config (kept literal so `fastse --help` does not import torch; a test checks them)
 PRESET_NAMES = ("byol-cifar10", "mocov2-cifar10", "byol-imagenet", "mocov2-imagenet")
@@ -22,8 +21,6 @@ CHOICES = {
     "smoothing": ("ema", "se", "sts"),
     "granularity": ("tensor", "channel", "element"),
     "momentum_schedule": ("cosine", "constant"),
-    "wandb": ("auto", "online", "offline", "disabled"),
-    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -56,52 +53,27 @@ def _choice(name: str) -> click.Choice:
 @click.option("--loader", type=_choice("loader"), help="Input pipeline backend [default: auto].")
 @click.option("--augmentation", type=_choice("augmentation"),
               help="Two-view augmentation recipe [default: the method's own].")
-@click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto].")
-@click.option("--compile/--no-compile", default=None, help="torch.compile student and teacher [default: on CUDA].")
-@click.option("--compile-mode", type=_choice("compile_mode"),
-              help="torch.compile mode (reduce-overhead: CUDA graphs) [default: default].")
 @click.option("--syncbn/--no-syncbn", default=None, help="SyncBatchNorm in student and teacher.")
-@click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels.")
 @click.option("--max-steps", type=int, help="Stop after N steps in total (checkpointed; schedules keep --epochs).")
 @click.option("--knn-every", type=int, help="Epochs between kNN checks of the teacher (0: at the end only).")
 @click.option("--log-every", type=int, help="Steps between metrics lines.")
 @click.option("--ckpt-every", type=int, help="Epochs between checkpoints.")
-@click.option("--seed", type=int)
 @click.option("--out", help="Run folder: metrics.jsonl, checkpoints/, backbone.safetensors [default: runs/pretrain].")
-@click.option("--cache-dir", help="Extracted archives and decoded arrays [default: $FASTSE_CACHE or ~/.cache/fastse].")
-@click.option("--wandb", type=_choice("wandb"), help="[default: auto: online with credentials, else offline]")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@engine_options
 def pretrain(preset: str | None, resume: bool, **flags) -> None:
     """Self-supervised pretraining (BYOL or MoCo v2) with an EMA / SE / STS teacher."""
     from fastse.config import PretrainConfig
     from fastse.config import preset as get_preset
-    from fastse.engine.trainer import Trainer, TrainingError
+    from fastse.engine.trainer import Trainer
 
-    given = {k: v for k, v in flags.items() if v is not None}
-    try:
-        if preset:
-            base = get_preset(preset)
-            if given.get("method", base.method) != base.method:
-                raise ValueError(f"--method {given['method']} contradicts --preset {preset} (a {base.method} "
-                                 f"recipe); use --preset {given['method']}-{preset.split('-', 1)[1]}")
-            config = base.replace(**given)
-        else:
-            config = PretrainConfig(**given)
-        config.validate()
-        trainer = Trainer(config, resume=resume)
-    except (ValueError, ImportError) as e:  # bad flags, data, checkpoints, or a missing backend
-        raise click.UsageError(_as_flags(str(e), flags)) from None
-    try:
-        result = trainer.fit()
-    except TrainingError as e:
-        raise click.ClickException(str(e)) from None
-    if trainer.env.is_main:
-        for key in ("checkpoint", "backbone"):
-            if result.get(key):
-                click.echo(f"{key}: {result[key]}")
+    def make_config(given):
+        if not preset:
+            return PretrainConfig(**given)
+        base = get_preset(preset)
+        if given.get("method", base.method) != base.method:
+            raise ValueError(f"--method {given['method']} contradicts --preset {preset} (a {base.method} "
+                             f"recipe); use --preset {given['method']}-{preset.split('-', 1)[1]}")
+        return base.replace(**given)
 
-
-
-def _as_flags(message: str, fields) -> str:
-    """Config fields in `message` written as the flags that set them: keep_prob=1.5 -> --keep-prob=1.5."""
-    return re.sub(r"\b([a-z_]+)=", lambda m: f"--{m[1].replace('_', '-')}=" if m[1] in fields else m[0], message)
+    run_training(make_config, lambda config, resume: Trainer(config, resume=resume), flags, resume,
+                 report=("checkpoint", "backbone"))

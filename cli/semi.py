@@ -7,7 +7,7 @@ runs this command with the same flags.
 from __future__ import annotations
 
 import click
-from fastse.cli.pretrain import _as_flags
+from fastse.cli.training import engine_options, run_training
 
 # the same lists as fastse.semi.config (kept literal so `fastse --help` does not import torch; a test checks them)
 PRESET_NAMES = ("fixmatch-cifar10", "fixmatch-cifar100")
@@ -16,8 +16,6 @@ CHOICES = {
     "smoothing": ("ema", "se", "sts"),
     "granularity": ("tensor", "channel", "element"),
     "buffers": ("copy", "ema"),
-    "wandb": ("auto", "online", "offline", "disabled"),
-    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -49,35 +47,16 @@ def _choice(name: str) -> click.Choice:
 @click.option("--momentum", type=float, help="Teacher momentum [default: 0.999].")
 @click.option("--granularity", type=_choice("granularity"), help="Fragment size [default: tensor].")
 @click.option("--buffers", type=_choice("buffers"), help="Teacher BN statistics from the student's [default: copy].")
-@click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto].")
-@click.option("--compile/--no-compile", default=None, help="torch.compile the models and loss [default: on CUDA].")
-@click.option("--compile-mode", type=_choice("compile_mode"),
-              help="torch.compile mode (reduce-overhead: CUDA graphs) [default: default].")
-@click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels.")
-@click.option("--seed", type=int)
 @click.option("--eval-every", type=int, help="Steps between test-set evaluations [default: 1024].")
 @click.option("--log-every", type=int, help="Steps between metrics lines [default: 100].")
 @click.option("--ckpt-every", type=int, help="Steps between checkpoints [default: 4096].")
 @click.option("--out", help="Run folder: metrics.jsonl, labeled_split.json, checkpoints/ [default: runs/semi].")
-@click.option("--cache-dir", help="Extracted archives and decoded arrays [default: $FASTSE_CACHE or ~/.cache/fastse].")
-@click.option("--wandb", type=_choice("wandb"), help="[default: auto: online with credentials, else offline]")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@engine_options
 def semi(preset: str | None, resume: bool, **flags) -> None:
     """Semi-supervised FixMatch whose evaluation model is an EMA / SE / STS teacher."""
     from fastse.semi.config import SemiConfig
     from fastse.semi.config import preset as get_preset
-    from fastse.semi.trainer import SemiTrainer, TrainingError
+    from fastse.semi.trainer import SemiTrainer
 
-    given = {k: v for k, v in flags.items() if v is not None}
-    try:
-        config = get_preset(preset, **given) if preset else SemiConfig(**given)
-        config.validate()
-        trainer = SemiTrainer(config, resume=resume)
-    except (ValueError, ImportError) as e:  # bad flags, data, checkpoints, or a missing backend
-        raise click.UsageError(_as_flags(str(e), flags)) from None
-    try:
-        result = trainer.fit()
-    except TrainingError as e:
-        raise click.ClickException(str(e)) from None
-    if trainer.env.is_main:
-        click.echo(f"checkpoint: {result['checkpoint']}")
+    run_training(lambda given: get_preset(preset, **given) if preset else SemiConfig(**given),
+                 lambda config, resume: SemiTrainer(config, resume=resume), flags, resume)

@@ -46,9 +46,11 @@ def test_cli_choices_match_the_library():
 
     library = {"method": cfg.METHODS, "arch": ARCHS, "dataset": cfg.DATASETS, "loader": cfg.LOADERS,
                "optimizer": cfg.OPTIMIZERS, "smoothing": RULES, "granularity": GRANULARITIES,
-               "momentum_schedule": cfg.MOMENTUM_SCHEDULES, "wandb": cfg.WANDB_MODES, "augmentation": cfg.AUGMENTATIONS,
-               "compile_mode": cfg.COMPILE_MODES}
+               "momentum_schedule": cfg.MOMENTUM_SCHEDULES, "augmentation": cfg.AUGMENTATIONS}
     assert {k: tuple(v) for k, v in library.items()} == cli.CHOICES
+    from fastse.cli import training
+
+    assert (training.COMPILE_MODES, training.WANDB_MODES) == (cfg.COMPILE_MODES, cfg.WANDB_MODES)
     from fastse.pipelines.recipes import AUGMENTATIONS, RECIPES
 
     assert cfg.AUGMENTATIONS == AUGMENTATIONS and all(len(RECIPES[a](32).views) == 2 for a in AUGMENTATIONS)

@@ -141,9 +141,11 @@ def test_presets_and_cli_choices():
     from fastse.config import COMPILE_MODES
     from fastse.smoothing import GRANULARITIES, RULES
 
-    library = {"dataset": cfg.DATASETS, "smoothing": RULES, "granularity": GRANULARITIES, "buffers": cfg.BUFFER_MODES,
-               "wandb": cfg.WANDB_MODES, "compile_mode": COMPILE_MODES}
+    library = {"dataset": cfg.DATASETS, "smoothing": RULES, "granularity": GRANULARITIES, "buffers": cfg.BUFFER_MODES}
     assert {k: tuple(v) for k, v in library.items()} == cli.CHOICES
+    from fastse.cli import training
+
+    assert (training.COMPILE_MODES, training.WANDB_MODES) == (COMPILE_MODES, cfg.WANDB_MODES)
     with pytest.raises(ValueError, match="labeled_batch=64 is not divisible by the 3 processes"):
         c10.validate(world_size=3)
 
