@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from fastse import checkpoints as ckpt
 from fastse.engine import distributed as ddp
@@ -57,6 +58,37 @@ class RunTrainer:
             if self.owns_group:
                 ddp.cleanup()
             raise
+
+    @contextlib.contextmanager
+    def _running(self):
+        """Around `fit`'s loop: a failure ends every rank (`distributed.abort`); the run log is closed
+        and the process group left either way."""
+        try:
+            yield
+        except BaseException as e:
+            ddp.abort(e)
+            raise
+        finally:
+            self.log.close()
+            if self.owns_group:
+                ddp.cleanup()
+
+    def _update(self, loss: Tensor, momentum: float | None = None) -> None:
+        """Backward, optimizer step, teacher update (with `momentum` for this step, else the smoother's)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.smoother.step(momentum=momentum)
+
+    def _teachers_bit_identical(self, teacher: nn.Module) -> list[float] | None:
+        """Under DDP, at the end (the checksums agreed at every log line): every byte of `teacher`
+        compared with rank 0's and the result printed; the shared checksum, or None on one process."""
+        if self.env.world_size == 1:
+            return None
+        checksum = self._checked(lambda: ddp.check_same_across_ranks(teacher, exact=True))
+        self.print(f"teacher parameters bit-identical on all {self.env.world_size} processes at step {self.step} "
+                   f"(checksum {checksum[0]:.17g})")
+        return list(checksum)
 
     def _check_env(self) -> None:
         """Refuse settings this device cannot run (called before joining the process group)."""

@@ -126,7 +126,7 @@ class Trainer(RunTrainer):
         window = (self.step, time.perf_counter())  # (step, time) where the current img/s window starts
         first_step = self.step
         saved_at = None
-        try:
+        with self._running():
             while self.step < self.stop_step:
                 epoch = self.step // self.steps_per_epoch
                 skip = self.step - epoch * self.steps_per_epoch  # batches of this epoch done before a resume
@@ -155,11 +155,8 @@ class Trainer(RunTrainer):
                     window = (self.step, time.perf_counter())  # img/s counts training only
             if saved_at != self.step:
                 result["checkpoint"] = self._save()
-            if env.world_size > 1:  # the checksums agreed at every log line; now every byte
-                checksum = self._checked(lambda: ddp.check_same_across_ranks(self.method.teacher, exact=True))
-                self.log.log({"step": self.step, "teacher_checksum": list(checksum), "teacher_bit_identical": True})
-                self.print(f"teacher parameters bit-identical on all {env.world_size} processes at step {self.step} "
-                           f"(checksum {checksum[0]:.17g})")
+            if checksum := self._teachers_bit_identical(self.method.teacher):
+                self.log.log({"step": self.step, "teacher_checksum": checksum, "teacher_bit_identical": True})
                 result["teacher_bit_identical"] = True
             if env.is_main:
                 result["backbone"] = str(ckpt.export_backbone(self.out, self.method.backbone))
@@ -169,13 +166,6 @@ class Trainer(RunTrainer):
                 self.print(f"teacher kNN top-1 {result['knn_top1']:.2f}% top-5 {result['knn_top5']:.2f}% "
                            f"(k={c.knn_k}) at step {self.step}")
             return result
-        except BaseException as e:
-            ddp.abort(e)
-            raise
-        finally:
-            self.log.close()
-            if self.owns_group:
-                ddp.cleanup()
 
     def train_step(self, views: tuple[Tensor, ...]) -> Tensor:
         """One optimisation step and teacher update; returns the loss (on the device, detached)."""
@@ -184,10 +174,7 @@ class Trainer(RunTrainer):
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, c.scaled_lr, self.warmup_steps))
         with self._autocast():
             loss = self.method(views)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.smoother.step(momentum=self.momentum_at(self.step))
+        self._update(loss, momentum=self.momentum_at(self.step))
         return loss.detach().float()
 
     def momentum_at(self, step: int) -> float:

@@ -127,7 +127,7 @@ class SemiTrainer(RunTrainer):
         saved = self.step if self.step else None  # a resumed run starts at its checkpoint
         evaluated = self.evals[-1]["step"] if self.evals else None
         batches = self.data.batches(self.step)
-        try:
+        with self._running():
             while self.step < self.stop_step:
                 stats = self.train_step(next(batches))
                 self.step += 1
@@ -153,13 +153,6 @@ class SemiTrainer(RunTrainer):
                 result["checkpoint"] = self._save()
             result.update(self._report())
             return result
-        except BaseException as e:
-            ddp.abort(e)
-            raise
-        finally:
-            self.log.close()
-            if self.owns_group:
-                ddp.cleanup()
 
     def train_step(self, batch: Batch) -> Tensor:
         """One optimisation step and teacher update; returns the `STATS` vector (on the device, detached)."""
@@ -167,10 +160,7 @@ class SemiTrainer(RunTrainer):
         set_lr(self.optimizer, fixmatch_lr(self.step, self.config.total_steps, self.config.lr))
         with self._autocast():
             loss, stats = self.model(*batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.smoother.step()
+        self._update(loss)
         return stats
 
     @torch.no_grad()
@@ -231,11 +221,8 @@ class SemiTrainer(RunTrainer):
         r = {"step": self.step, "teacher_acc": last[-1]["teacher_acc"], "student_acc": last[-1]["student_acc"],
              "teacher_acc_median": statistics.median(e["teacher_acc"] for e in last),
              "student_acc_median": statistics.median(e["student_acc"] for e in last), "evaluations": len(last)}
-        if self.env.world_size > 1:  # the checksums agreed at every log line; now every byte
-            checksum = self._checked(lambda: ddp.check_same_across_ranks(self.model.teacher, exact=True))
-            self.print(f"teacher parameters bit-identical on all {self.env.world_size} processes at step {self.step} "
-                       f"(checksum {checksum[0]:.17g})")
-            r.update(teacher_checksum=list(checksum), teacher_bit_identical=True)
+        if checksum := self._teachers_bit_identical(self.model.teacher):
+            r.update(teacher_checksum=checksum, teacher_bit_identical=True)
         self.log.log({**r, "final": True})
         self.print(f"final at step {self.step}: teacher ({self.config.smoothing}) top-1 {r['teacher_acc']:.2f}% "
                    f"(median of the last {len(last)} evaluations {r['teacher_acc_median']:.2f}%), student "
