@@ -121,25 +121,29 @@ def seed_all(seed: int) -> None:
 
 
 class LossMeter:
-    """Per-step losses (a scalar, or a vector of loss terms, of `shape`) summed on the device, and the
-    first step whose values were not all finite (NaN or Inf), both without a host sync; `mean` and
-    `check` read them (on every rank: collectives)."""
+    """Per-step losses (a scalar, or a vector of loss terms, of `shape`) kept on the device until the
+    next `mean`; `check` finds the first step whose values were not all finite (NaN or Inf). `add`
+    launches nothing (the step is host-bound); `mean` and `check` read them (on every rank: collectives)."""
 
     def __init__(self, device: torch.device, shape: tuple[int, ...] = ()):
-        self.sum = torch.zeros(shape, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.count = 0
+        self.device, self.shape = device, shape
+        self.losses: list[Tensor] = []
+        self.steps: list[int] = []
 
     def add(self, loss: Tensor, step: int) -> None:
         """Count `loss` (detached, of `shape`) as that of step `step`."""
-        self.sum += loss
-        self.count += 1
-        self.first_bad = torch.where(loss.isfinite().all() | (self.first_bad >= 0), self.first_bad, step)
+        self.losses.append(loss)
+        self.steps.append(step)
 
     def check(self, step: int) -> None:
         """Raise TrainingError on every rank if any rank's loss was not finite since the run began
-        (`step`: the current step, for the message)."""
-        bad = ddp.all_gather_cat(self.first_bad[None])
+        (`step`: the current step, for the message). Earlier losses passed the check of `mean`."""
+        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        if self.losses:
+            bad = ~torch.stack(self.losses).reshape(len(self.losses), -1).isfinite().all(1)
+            steps = torch.tensor(self.steps, device=self.device)
+            first_bad = torch.where(bad.any(), steps[bad.int().argmax()], first_bad)
+        bad = ddp.all_gather_cat(first_bad[None])
         bad = bad[bad >= 0]
         if bad.numel():
             raise TrainingError(f"the loss is not finite from step {int(bad.min())} on (found at step {step}): "
@@ -149,10 +153,9 @@ class LossMeter:
         """The mean over the ranks and the steps since the last call (then reset), after `check`; on the
         device, of `shape`."""
         self.check(step)
-        mean = ddp.all_reduce_mean(self.sum / max(self.count, 1))
-        self.sum.zero_()
-        self.count = 0
-        return mean
+        local = torch.stack(self.losses).mean(0) if self.losses else torch.zeros(self.shape, device=self.device)
+        self.losses, self.steps = [], []
+        return ddp.all_reduce_mean(local)
 
 
 @torch.no_grad()
