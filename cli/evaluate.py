@@ -7,13 +7,14 @@ and to wandb.
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import click
+
+from fastse.atomic import write_atomic
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # fastse.models.resnet.ARCHS (no torch import for --help)
 
@@ -187,10 +188,7 @@ def write_eval_json(folder: str | Path, key: str, entry: dict[str, Any]) -> Path
             data = {}
         data = data if isinstance(data, dict) else {}
     data[key] = entry
-    tmp = path.with_name(f".eval.json.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def _as_flags(message: str) -> str:

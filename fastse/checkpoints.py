@@ -36,6 +36,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 import fastse
+from fastse.atomic import fsync_dir as _fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,6 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fastse.atomic import write_atomic
+
 log = logging.getLogger("fastse")
 
 
@@ -98,17 +100,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             kept.append(line)
     if len(kept) == len(lines) and text.endswith("\n") or not text:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, "".join(line + "\n" for line in kept))
     log.info("%s: dropped %d line(s) after step %d (written again on resuming)", path, len(lines) - len(kept), step)
 
 
@@ -135,9 +127,7 @@ def record_start(run_dir: Path, config: dict[str, Any]) -> None:
         device = "cpu"
     starts.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
                    "commit": _commit(), "device": device, "torch": torch.__version__})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"config": config, "starts": starts}, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"config": config, "starts": starts}, indent=1, default=str) + "\n")
 
 
 def _commit() -> str | None:
