@@ -8,6 +8,7 @@ import json
 import math
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,10 @@ def small(data: Path, out: Path, **changes) -> PretrainConfig:
 
 def _lines(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_wall(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in line.items() if k != "wall_s"} for line in lines]
 
 
 @pytest.mark.parametrize("method,rule,granularity", [  # element masks are slow on CPU: tested in test_smoothing
@@ -225,9 +230,12 @@ def test_lars_matches_a_reference_and_skips_biases_and_norms():
 def test_run_log_writes_jsonl_and_resolves_wandb_mode(tmp_path, monkeypatch):
     run = RunLog(tmp_path / "run", {"a": 1}, wandb="disabled")
     run.log({"step": 1, "loss": 0.5})
+    time.sleep(0.02)
     run.log({"step": 2, "loss": float("nan")})
     run.close()
-    assert _lines(tmp_path / "run") == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": None}]
+    lines = _lines(tmp_path / "run")
+    assert 0 <= lines[0]["wall_s"] < lines[1]["wall_s"] < 60  # seconds since the log opened
+    assert _without_wall(lines) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": None}]
     RunLog(tmp_path / "other", {}, enabled=False).log({"step": 1})  # ranks other than 0
     assert not (tmp_path / "other").exists()
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -253,7 +261,7 @@ def test_run_log_of_a_resumed_run_drops_the_lines_after_its_checkpoint(tmp_path)
     run = RunLog(path.parent, {}, wandb="disabled", resume_step=2)  # resumed from the step-2 checkpoint
     run.log({"step": 3, "loss": 0.45})
     run.close()
-    assert _lines(tmp_path / "run") == [*written[:3], {"step": 3, "loss": 0.45}]
+    assert _without_wall(_lines(tmp_path / "run")) == [*written[:3], {"step": 3, "loss": 0.45}]
     assert not [p.name for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp file left
     before = path.stat().st_mtime_ns
     RunLog(path.parent, {}, wandb="disabled", resume_step=3).close()  # nothing to drop: not rewritten

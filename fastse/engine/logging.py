@@ -13,6 +13,7 @@ import netrc
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,15 @@ def wandb_mode(mode: str) -> str:
 
 class RunLog:
     """Appends one JSON object per `log` call to `run_dir/metrics.jsonl` and sends it to wandb (mode
-    online | offline | disabled | auto) with the config. A run that starts at step `resume_step` (its
+    online | offline | disabled | auto) with the config. Each line also gets `wall_s`, the seconds since
+    this RunLog opened (this process's start of the run, compilation included; a resumed run counts from its
+    resume, and run.json lists every start). A run that starts at step `resume_step` (its
     checkpoint's; 0 for a fresh start) continues the file without the lines of later steps, which the
     previous attempt wrote before it stopped and this one writes again (see `truncate_metrics`)."""
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], *, wandb: str = "auto",
                  project: str = "fastse", enabled: bool = True, resume_step: int | None = None):
-        self.enabled, self.run = enabled, None
+        self.enabled, self.run, self.opened = enabled, None, time.monotonic()
         if not enabled:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -63,9 +66,10 @@ class RunLog:
             self.run = wb.init(project=project, config=config, dir=str(run_dir), mode=mode, name=Path(run_dir).name)
 
     def log(self, metrics: dict[str, Any]) -> None:
-        """Record `metrics` (must hold "step"); non-finite floats are written as null."""
+        """Record `metrics` (must hold "step") and `wall_s`; non-finite floats are written as null."""
         if not self.enabled:
             return
+        metrics = {**metrics, "wall_s": round(time.monotonic() - self.opened, 2)}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self.file.write(json.dumps(clean) + "\n")
         if self.run is not None:
