@@ -296,11 +296,17 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor],
 
 
 def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], layout: dict) -> None:
-    """Restore `opt` (built over the same parameters) from `optimizer_to_tensors`' output, exactly."""
+    """Restore `opt` (built over the same parameters) from `optimizer_to_tensors`' output, exactly. State
+    tensors shaped like their parameter take its memory layout too (a channels_last weight gets a
+    channels_last momentum buffer), as fused and foreach kernels require; the file holds them contiguous."""
     missing = sorted(_tensor_names(layout) - set(tensors))
     if missing:
         raise CheckpointError(f"optimizer state: tensors {missing[:5]} are in the layout but not in the group")
     opt.load_state_dict(_decode(layout, tensors))
+    for param, state in opt.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _tensor_names(obj: Any) -> set[str]:

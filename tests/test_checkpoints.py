@@ -260,3 +260,35 @@ def test_export_cifar_stem_backbone(tmp_path):
         export_backbone(tmp_path, nn.Linear(2, 2))
     with pytest.raises(CheckpointError, match="not a fastse-backbone"):
         load_backbone(save_checkpoint(tmp_path, 0, {"student": backbone.state_dict()}, {}) / "student.safetensors")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_optimizer_state_of_channels_last_weights_resumes_into_a_fused_step(tmp_path, fused):
+    """The file holds momentum buffers contiguous; a channels_last conv weight must get its buffer back in
+    its own layout, or the fused SGD kernel refuses the step (seen resuming FixMatch on CUDA)."""
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)).to(memory_format=torch.channels_last)
+        return net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, fused=fused,
+                                    foreach=None if fused else True)
+
+    def step(net, opt, seed):
+        g = torch.Generator().manual_seed(seed)
+        opt.zero_grad()
+        net(torch.randn(2, 3, 6, 6, generator=g).to(memory_format=torch.channels_last)).square().mean().backward()
+        opt.step()
+
+    net, opt = make()
+    step(net, opt, 1)
+    tensors, layout = optimizer_to_tensors(opt)
+    path = save_checkpoint(tmp_path, 1, {"net": net.state_dict(), "optimizer": tensors}, {"optimizer": layout})
+    groups, meta = load_checkpoint(path)
+    fresh, fresh_opt = make()
+    fresh.load_state_dict(groups["net"])
+    optimizer_from_tensors(fresh_opt, groups["optimizer"], meta["optimizer"])
+    weight = fresh[0].weight
+    assert fresh_opt.state[weight]["momentum_buffer"].stride() == weight.stride()  # channels_last, like the weight
+    step(net, opt, 2)
+    step(fresh, fresh_opt, 2)
+    for a, b in zip(net.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
