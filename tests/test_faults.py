@@ -215,9 +215,16 @@ def _new_temp_folder(run: Path, before: set[str]):
     return lambda: bool(_temp_folders(run) - before)
 
 
+def _outside_writes(run: Path, before: set[str], ready):
+    """`ready`, held back while a checkpoint write of this attempt is under way: on a GPU the tiny run's
+    steps take milliseconds and its writes most of the time, so a plain random moment nearly always lands
+    inside a write (the other row)."""
+    return lambda: ready() and not _temp_folders(run) - before
+
+
 def test_kill_9_at_random_moments_and_inside_checkpoint_writes_then_resume(data, reference, tmp_path, faults):
     """Each attempt runs the same `--resume` command (20 steps, a checkpoint every 5) and is killed either
-    0-0.3 s after a random 6-9 more steps (past one checkpoint, mid-epoch), or the moment a checkpoint
+    0-0.3 s after a random 6-9 more steps (past one checkpoint, mid-epoch; outside a write), or the moment a checkpoint
     write begins (with an older checkpoint complete). After every kill the newest complete checkpoint
     must load and be no older than before; the fifth attempt resumes from step 10, runs to the end and
     must be bit-identical to the uninterrupted reference, its metrics.jsonl holding each step's line once."""
@@ -230,7 +237,8 @@ def test_kill_9_at_random_moments_and_inside_checkpoint_writes_then_resume(data,
         if attempt == 4:
             result = "exited" if wait(proc) else "hang"
         else:  # odd attempts: the moment a checkpoint write has begun
-            ready = _new_temp_folder(out, before) if attempt % 2 else _after(log, rng.randint(6, 9), rng.uniform(0, .3))
+            ready = (_new_temp_folder(out, before) if attempt % 2 else
+                     _outside_writes(out, before, _after(log, rng.randint(6, 9), rng.uniform(0, .3))))
             result = _kill_when(proc, ready, time.monotonic() + HANG_S)
         attempt += 1
         if result != "killed":
