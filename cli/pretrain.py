@@ -56,6 +56,8 @@ def _choice(name: str) -> click.Choice:
 @click.option("--syncbn/--no-syncbn", default=None, help="SyncBatchNorm in student and teacher.")
 @click.option("--max-steps", type=int, help="Stop after N steps in total (checkpointed; schedules keep --epochs).")
 @click.option("--knn-every", type=int, help="Epochs between kNN checks of the teacher (0: at the end only).")
+@click.option("--knn-student/--no-knn-student", default=None,
+              help="The kNN checks also measure the student's backbone [default: the teacher's only].")
 @click.option("--log-every", type=int, help="Steps between metrics lines.")
 @click.option("--ckpt-every", type=int, help="Epochs between checkpoints.")
 @click.option("--out", help="Run folder: metrics.jsonl, checkpoints/, backbone.safetensors [default: runs/pretrain].")

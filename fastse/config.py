@@ -87,6 +87,7 @@ class PretrainConfig:
     knn_every: int = 10                 # teacher kNN on the test split every N epochs (0: at the end only)
     knn_k: int = 200
     knn_temperature: float = 0.1
+    knn_student: bool = False           # the kNN checks also measure the student's backbone (teacher vs student)
     log_every: int = 50                 # steps between metrics lines (the only host syncs)
     ckpt_every: int = 10                # epochs between checkpoints (and one at the end)
     keep_ckpts: int = 3

@@ -227,6 +227,23 @@ def test_lars_matches_a_reference_and_skips_biases_and_norms():
         torch.testing.assert_close(p.detach(), reference[n])
 
 
+def test_knn_student_measures_the_student_beside_the_teacher(tiny_cifar, tmp_path):
+    """momentum 0 with copied buffers makes the teacher the student: equal scores; momentum 1 leaves the
+    teacher at its start while the student trains: the student's own network is measured."""
+    scores = {}
+    for momentum in (0.0, 1.0):
+        out = tmp_path / f"m{momentum:g}"
+        config = small(tiny_cifar, out, smoothing="ema", momentum=momentum, momentum_schedule="constant",
+                       buffers="copy", knn_student=True, epochs=1, lr=0.5)
+        result = Trainer(config).fit()
+        knn = [m for m in _lines(out) if "knn_top1" in m]
+        assert len(knn) == 1 and {"knn_student_top1", "knn_student_top5"} <= knn[0].keys()
+        scores[momentum] = (result["knn_top1"], result["knn_top5"], result["knn_student_top1"],
+                            result["knn_student_top5"])
+    assert scores[0.0][:2] == scores[0.0][2:]
+    assert scores[1.0][:2] != scores[1.0][2:]
+
+
 def test_run_log_writes_jsonl_and_resolves_wandb_mode(tmp_path, monkeypatch):
     run = RunLog(tmp_path / "run", {"a": 1}, wandb="disabled")
     run.log({"step": 1, "loss": 0.5})

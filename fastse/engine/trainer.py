@@ -45,8 +45,8 @@ from fastse.methods import Method, build_method
 from fastse.smoothing import Smoother, cosine_momentum
 
 # fields that may change between a run and its resumption without changing what is trained
-_RESUMABLE = frozenset({"max_steps", "out", "wandb", "wandb_project", "log_every", "knn_every", "ckpt_every",
-                        "keep_ckpts", "device", "loader", "cache_dir", "compile", "compile_mode", "data"})
+_RESUMABLE = frozenset({"max_steps", "out", "wandb", "wandb_project", "log_every", "knn_every", "knn_student",
+                        "ckpt_every", "keep_ckpts", "device", "loader", "cache_dir", "compile", "compile_mode", "data"})
 # fields a resumed run must share with its checkpoint: the model, optimizer and teacher rule it holds
 _FIXED = ("method", "arch", "cifar_stem", "proj_hidden_dim", "proj_dim", "pred_hidden_dim", "queue_size",
           "optimizer", "smoothing", "keep_prob", "granularity", "buffers")
@@ -163,7 +163,9 @@ class Trainer(RunTrainer):
             result.update(self._knn())
             result.update(step=self.step, epoch=self.step / self.steps_per_epoch)
             if "knn_top1" in result:
-                self.print(f"teacher kNN top-1 {result['knn_top1']:.2f}% top-5 {result['knn_top5']:.2f}% "
+                student = (f", student {result['knn_student_top1']:.2f}% top-5 {result['knn_student_top5']:.2f}%"
+                           if "knn_student_top1" in result else "")
+                self.print(f"teacher kNN top-1 {result['knn_top1']:.2f}% top-5 {result['knn_top5']:.2f}%{student} "
                            f"(k={c.knn_k}) at step {self.step}")
             return result
 
@@ -209,22 +211,28 @@ class Trainer(RunTrainer):
     # ------------------------------------------------------------------------------ monitoring
 
     def _knn(self) -> dict[str, float]:
-        """Teacher kNN top-1/top-5 (%) on the test split, measured on rank 0 ({} without a test split)."""
+        """Teacher kNN top-1/top-5 (%) on the test split, measured on rank 0 ({} without a test split);
+        with `knn_student` also the student's ("knn_student_top1", "knn_student_top5")."""
         from fastse.eval import knn_eval
 
         out: dict[str, float] = {}
         if self.env.is_main and self.eval_loaders:
             (train_loader, n_train), (test_loader, n_test) = self.eval_loaders
             started = time.perf_counter()
-            with self._autocast():
-                acc = knn_eval(self.method.backbone, train_loader, test_loader, device=self.env.device,
-                               k=self.config.knn_k, temperature=self.config.knn_temperature,
-                               num_train=n_train, num_test=n_test)
-            out = {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
+            nets = {"knn": self.method.backbone}
+            if self.config.knn_student:
+                nets["knn_student"] = self.method.student_backbone
+            for name, net in nets.items():
+                with self._autocast():
+                    acc = knn_eval(net, train_loader, test_loader, device=self.env.device, k=self.config.knn_k,
+                                   temperature=self.config.knn_temperature, num_train=n_train, num_test=n_test)
+                out.update({f"{name}_top1": acc["top1"], f"{name}_top5": acc["top5"]})
             epoch = self.step / self.steps_per_epoch
             self.log.log({"step": self.step, "epoch": epoch, **out, "knn_s": time.perf_counter() - started})
-            self.print(f"kNN at epoch {epoch:g}: top-1 {acc['top1']:.2f}% top-5 {acc['top5']:.2f}% "
-                       f"({time.perf_counter() - started:.1f} s)")
+            student = (f" | student top-1 {out['knn_student_top1']:.2f}% top-5 {out['knn_student_top5']:.2f}%"
+                       if self.config.knn_student else "")
+            self.print(f"kNN at epoch {epoch:g}: teacher top-1 {out['knn_top1']:.2f}% top-5 {out['knn_top5']:.2f}%"
+                       f"{student} ({time.perf_counter() - started:.1f} s)")
         ddp.barrier()
         return out
 

@@ -61,6 +61,11 @@ class Method(nn.Module):
         """The teacher's backbone: what the kNN monitor measures and `backbone.safetensors` holds."""
         return self.teacher.backbone
 
+    @property
+    def student_backbone(self) -> nn.Module:
+        """The student's backbone (the trained one), for comparing it with the teacher's."""
+        return self.smoothing_pairs()[0].backbone
+
     def state_tensors(self) -> dict[str, Tensor]:
         """Buffers outside student and teacher (e.g. MoCo's queue), for checkpoints."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
