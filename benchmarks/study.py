@@ -29,13 +29,14 @@ protocol; done jobs are skipped, the others start with --resume from their newes
 evaluation once its pretraining run is done. Jobs start in spec order (an evaluation right after its
 run), one at a time, or with --gpus one per GPU (CUDA_VISIBLE_DEVICES), each job's output appended to
 <out>/logs/<job>.log. At --time-budget seconds after the start, or on SIGTERM / Ctrl-C, the running jobs
-are killed (SIGTERM to their process group, SIGKILL after 30 s). A killed training run loses the steps
-since its last checkpoint (`ckpt-every`: epochs for pretrain, steps for semi) and, when it resumes, pays
-its start-up again (imports, the data cache, torch.compile, and for pretraining the augmentation of the
-batches of the interrupted epoch it skips); a killed eval-linear starts over. Checkpoint writes are
-atomic, so a kill never costs more. Exit status: 0 every job done, 3 stopped early (budget or signal)
-with jobs left: run the same command again, 1 a job failed (its log's end is printed; the others went
-on), 2 a bad spec or another study.py already running on the same out folder.
+are stopped (SIGTERM to their process group, SIGKILL after 30 s). A training run stops at its next log
+line with a checkpoint, so it loses no steps (only one killed after the 30 s loses those since its last
+checkpoint); when it resumes it pays its start-up again (imports, the data cache, torch.compile, and for
+pretraining the augmentation of the batches of the interrupted epoch it skips); a stopped eval-linear
+starts over. Checkpoint writes are atomic, so a kill never costs more. Exit status: 0 every job done, 3
+stopped early (budget or signal) with jobs left: run the same command again, 1 a job failed (its log's
+end is printed; the others went on), 2 a bad spec or another study.py already running on the same out
+folder.
 """
 
 from __future__ import annotations

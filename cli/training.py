@@ -1,7 +1,8 @@
 """What `fastse pretrain` and `fastse semi` share: the engine's flags and how a run is started.
 
 Config errors (bad flags, data, checkpoints, a missing backend) become one usage line naming the
-flags (exit 2); a run that stops (`TrainingError`) becomes one error line (exit 1).
+flags (exit 2); a run that stops (`TrainingError`) becomes one error line (exit 1); a run stopped early
+by its time limit or a signal, checkpoint written, exits 3.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import click
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # = fastse.config's
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+EXIT_STOPPED = 3  # stopped early with a checkpoint (--time-limit, SIGTERM, SIGUSR1): --resume continues
 
 _ENGINE_OPTIONS = (
     click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto]."),
@@ -26,6 +28,9 @@ _ENGINE_OPTIONS = (
                  help="Extracted archives and decoded arrays [default: $FASTSE_CACHE or ~/.cache/fastse]."),
     click.option("--wandb", type=click.Choice(WANDB_MODES),
                  help="[default: auto: online with credentials, else offline]"),
+    click.option("--time-limit", type=float, metavar="MINUTES",
+                 help="Stop after this many minutes of training with a checkpoint (exit 3; --resume continues). "
+                      "SIGTERM and SIGUSR1 stop the same way."),
     click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out."),
 )
 
@@ -40,7 +45,8 @@ def engine_options(fn: Callable) -> Callable:
 def run_training(make_config: Callable[[dict[str, Any]], Any], make_trainer: Callable[[Any, bool], Any],
                  flags: dict[str, Any], resume: bool, *, report: Iterable[str] = ("checkpoint",)) -> None:
     """Build the config from the flags given and the trainer from it (errors: exit 2), train (a stop:
-    exit 1) and echo the `report` entries of the result on the main process."""
+    exit 1; stopped early with a checkpoint: exit 3) and echo the `report` entries of the result on the
+    main process."""
     from fastse.engine.runs import TrainingError
 
     given = {k: v for k, v in flags.items() if v is not None}
@@ -58,6 +64,8 @@ def run_training(make_config: Callable[[dict[str, Any]], Any], make_trainer: Cal
         for key in report:
             if result.get(key):
                 click.echo(f"{key}: {result[key]}")
+    if result.get("stopped"):  # a time limit or a stop signal: checkpointed, not finished
+        raise SystemExit(EXIT_STOPPED)
 
 
 def as_flags(message: str, fields: Iterable[str]) -> str:

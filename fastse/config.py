@@ -83,6 +83,7 @@ class PretrainConfig:
     seed: int = 0
     deterministic: bool = False         # deterministic kernels (bit-identical resume)
     max_steps: int | None = None        # stop after this many steps in total (schedules keep `epochs`)
+    time_limit: float | None = None     # minutes of training in this process, then a checkpoint and exit 3
     # monitoring and output
     knn_every: int = 10                 # teacher kNN on the test split every N epochs (0: at the end only)
     knn_k: int = 200
@@ -161,6 +162,8 @@ class PretrainConfig:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be shorter than epochs={self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit={self.time_limit} must be > 0 (minutes)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit} must be >= 1")
         if self.image_size is not None and self.image_size < 8:

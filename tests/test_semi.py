@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -353,3 +354,29 @@ def test_a_tiny_run_reports_and_resumes(tiny_cifar, cache, tmp_path):
     assert resumed.exit_code == 0, resumed.output
     assert "resumed at step 4" in resumed.output and "median of the last 3 evaluations" in resumed.output
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["compiled"] is False
+
+
+def test_sigusr1_and_time_limit_stop_with_a_checkpoint_and_resume_continues(tiny_cifar, cache, tmp_path):
+    """A stop signal (SLURM's --signal=USR1) or --time-limit ends the run at the next log line: its checkpoint
+    written, no final report, exit 3 from the CLI; --resume then finishes bit-identically."""
+    common = dict(deterministic=True, log_every=3, ckpt_every=100)
+    train(small(tiny_cifar, tmp_path / "a", cache, **common))
+    trainer = SemiTrainer(small(tiny_cifar, tmp_path / "b", cache, **common))
+    step = trainer.train_step
+    trainer.train_step = lambda batch: (trainer.step == 4 and os.kill(os.getpid(), signal.SIGUSR1)) or step(batch)
+    stopped = trainer.fit()
+    assert stopped["stopped"] == "SIGUSR1" and stopped["step"] == 6 and "teacher_acc_median" not in stopped
+    assert latest_checkpoint(tmp_path / "b").name == "step-000000006"
+    resumed = train(small(tiny_cifar, tmp_path / "b", cache, **common), resume=True)
+    assert resumed["step"] == 20 and "stopped" not in resumed
+    (ga, _), (gb, _) = (load_checkpoint(latest_checkpoint(tmp_path / r)) for r in "ab")
+    for group in ("student", "teacher", "optimizer"):
+        assert all(torch.equal(ga[group][k], gb[group][k]) for k in ga[group]), group
+
+    out = tmp_path / "cli"
+    args = ["semi", "--data", str(tiny_cifar), "--dataset", "cifar10", "--num-labels", "20", "--depth", "10",
+            "--widen", "1", "--labeled-batch", "8", "--mu", "2", "--total-steps", "6", "--log-every", "2",
+            "--out", str(out), "--wandb", "disabled", "--cache-dir", str(cache), "--no-compile", "--device", "cpu"]
+    limited = CliRunner().invoke(main, [*args, "--time-limit", "1e-6"])
+    assert limited.exit_code == 3 and "stopped at step 2 of 6 (the time limit of 1e-06 min)" in limited.output
+    assert CliRunner().invoke(main, [*args, "--resume"]).exit_code == 0

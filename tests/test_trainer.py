@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -191,6 +192,70 @@ def test_two_process_gloo_ddp_keeps_identical_teachers(tiny_cifar, tmp_path):
     assert logged and all(len(c) == 2 for c in logged)
     assert [m["step"] for m in lines if m.get("teacher_bit_identical")] == [6]  # and every byte at the end
     assert all(torch.equal(groups["teacher"][k], r0["teacher"][k]) for k in r0["teacher"])
+
+
+def _signal_rank(rank: int, world: int, port: int, config: PretrainConfig, signalled: int, out: Path) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(config)
+    step = trainer.train_step
+
+    def train_step(views):
+        if rank == signalled and trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # one rank only, between log lines
+        return step(views)
+
+    trainer.train_step = train_step
+    result = trainer.fit()
+    (out / f"rank{rank}.json").write_text(json.dumps({"step": result["step"], "stopped": result["stopped"]}))
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_cifar, tmp_path):
+    config = small(tiny_cifar, tmp_path / "run", method="mocov2", batch_size=16, knn_every=0, log_every=2)
+    mp.spawn(_signal_rank, args=(2, _free_port(), config, 1, tmp_path), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == {"step": 4, "stopped": "a stop signal to another process"} and r1 == {"step": 4, "stopped": "SIGTERM"}
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))[1]["step"] == 4
+
+
+def test_sigterm_stops_at_the_next_log_line_with_a_checkpoint_and_resume_is_bit_identical(tiny_cifar, tmp_path):
+    common = dict(method="byol", epochs=1, knn_every=0, deterministic=True, log_every=3)
+    train(small(tiny_cifar, tmp_path / "a", **common))
+    trainer = Trainer(small(tiny_cifar, tmp_path / "b", **common))
+    step = trainer.train_step
+    trainer.train_step = lambda views: (trainer.step == 2 and os.kill(os.getpid(), signal.SIGTERM)) or step(views)
+    previous = signal.getsignal(signal.SIGTERM)
+    stopped = trainer.fit()
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is fit's only
+    assert stopped["stopped"] == "SIGTERM" and stopped["step"] == 3  # mid-epoch (10 steps an epoch)
+    assert "knn_top1" not in stopped and not (tmp_path / "b" / "backbone.safetensors").exists()  # not finished
+    assert latest_checkpoint(tmp_path / "b").name == "step-000000003"
+    assert {"step": 3, "stopped": "SIGTERM"}.items() <= _lines(tmp_path / "b")[-1].items()
+    finished = train(small(tiny_cifar, tmp_path / "b", **common), resume=True)
+    assert finished["step"] == 10 and "stopped" not in finished
+    (ga, _), (gb, _) = (load_checkpoint(latest_checkpoint(tmp_path / r)) for r in "ab")
+    for group in ("student", "teacher", "optimizer"):
+        assert all(torch.equal(ga[group][k], gb[group][k]) for k in ga[group]), group
+
+
+def test_time_limit_stops_with_a_checkpoint_and_exit_3_then_resume_finishes(tiny_cifar, tmp_path):
+    from click.testing import CliRunner
+    from fastse.cli.main import main
+
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", str(tiny_cifar), "--dataset", "cifar10", "--image-size", "16", "--epochs", "1",
+            "--batch-size", "8", "--knn-every", "0", "--log-every", "3", "--out", str(out), "--wandb", "disabled",
+            "--cache-dir", str(tmp_path / "cache")]
+    stopped = CliRunner().invoke(main, [*args, "--time-limit", "1e-6"])
+    assert stopped.exit_code == 3, stopped.output
+    assert "stopped at step 3 of 10 (the time limit of 1e-06 min)" in stopped.output and "--resume" in stopped.output
+    assert latest_checkpoint(out).name == "step-000000003"
+    finished = CliRunner().invoke(main, [*args, "--resume"])
+    assert finished.exit_code == 0, finished.output
+    assert load_checkpoint(latest_checkpoint(out))[1]["step"] == 10
+    bad = CliRunner().invoke(main, [*args, "--time-limit", "0"])
+    assert bad.exit_code == 2 and "--time-limit=0.0 must be > 0 (minutes)" in bad.output
 
 
 # ------------------------------------------------------------------------- optimizers, schedule, log

@@ -10,6 +10,8 @@ printing and checks whose failure becomes a `TrainingError` naming the step.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,7 @@ from fastse.engine import distributed as ddp
 from fastse.engine import runs
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # stop at the next log line with a checkpoint (SLURM, preemption)
 
 
 class RunTrainer:
@@ -62,16 +65,47 @@ class RunTrainer:
     @contextlib.contextmanager
     def _running(self):
         """Around `fit`'s loop: a failure ends every rank (`distributed.abort`); the run log is closed
-        and the process group left either way."""
+        and the process group left either way. SIGTERM and SIGUSR1 are noted for `_stop_reason` meanwhile
+        (in the main thread; the previous handlers come back after)."""
+        self.stop_signal: str | None = None
+        self.fit_started = time.monotonic()
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            def note(signum: int, frame: Any) -> None:
+                self.stop_signal = signal.Signals(signum).name
+            handlers = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
         try:
             yield
         except BaseException as e:
             ddp.abort(e)
             raise
         finally:
+            for sig, previous in handlers.items():
+                signal.signal(sig, previous)
             self.log.close()
             if self.owns_group:
                 ddp.cleanup()
+
+    def _stop_reason(self) -> str | None:
+        """Why to stop before the end, asked at log lines (a host sync anyway): a SIGTERM or SIGUSR1
+        received (by any rank), or `config.time_limit` minutes passed since `fit` began; every rank gets
+        the same answer. None: go on."""
+        limit = self.config.time_limit
+        code = 2 if self.stop_signal else int(limit is not None and time.monotonic() - self.fit_started >= 60 * limit)
+        if self.env.world_size > 1:
+            agreed = torch.tensor([code], device=self.env.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            code = int(agreed.item())
+        if code == 2:
+            return self.stop_signal or "a stop signal to another process"
+        return f"the time limit of {limit:g} min" if code else None
+
+    def _stopped(self, reason: str) -> dict[str, Any]:
+        """Record an early stop (its checkpoint written): a metrics line and one printed line."""
+        self.log.log({"step": self.step, "stopped": reason})
+        self.print(f"stopped at step {self.step} of {self.stop_step} ({reason}): checkpoint written; "
+                   f"the same command with --resume continues")
+        return {"stopped": reason}
 
     def _update(self, loss: Tensor, momentum: float | None = None) -> None:
         """Backward, optimizer step, teacher update (with `momentum` for this step, else the smoother's)."""

@@ -45,8 +45,9 @@ from fastse.methods import Method, build_method
 from fastse.smoothing import Smoother, cosine_momentum
 
 # fields that may change between a run and its resumption without changing what is trained
-_RESUMABLE = frozenset({"max_steps", "out", "wandb", "wandb_project", "log_every", "knn_every", "knn_student",
-                        "ckpt_every", "keep_ckpts", "device", "loader", "cache_dir", "compile", "compile_mode", "data"})
+_RESUMABLE = frozenset({"max_steps", "time_limit", "out", "wandb", "wandb_project", "log_every", "knn_every",
+                        "knn_student", "ckpt_every", "keep_ckpts", "device", "loader", "cache_dir", "compile",
+                        "compile_mode", "data"})
 # fields a resumed run must share with its checkpoint: the model, optimizer and teacher rule it holds
 _FIXED = ("method", "arch", "cifar_stem", "proj_hidden_dim", "proj_dim", "pred_hidden_dim", "queue_size",
           "optimizer", "smoothing", "keep_prob", "granularity", "buffers")
@@ -125,9 +126,9 @@ class Trainer(RunTrainer):
         self.losses = LossMeter(env.device)
         window = (self.step, time.perf_counter())  # (step, time) where the current img/s window starts
         first_step = self.step
-        saved_at = None
+        saved_at, stopped = None, None
         with self._running():
-            while self.step < self.stop_step:
+            while self.step < self.stop_step and not stopped:
                 epoch = self.step // self.steps_per_epoch
                 skip = self.step - epoch * self.steps_per_epoch  # batches of this epoch done before a resume
                 self.train_loader.set_epoch(epoch)
@@ -143,7 +144,9 @@ class Trainer(RunTrainer):
                     if self.step % c.log_every == 0 or self.step == self.stop_step:
                         result.update(self._log_interval(window))
                         window = (self.step, time.perf_counter())
-                    if self.step == self.stop_step:
+                        if self.step < self.stop_step:
+                            stopped = self._stop_reason()
+                    if self.step == self.stop_step or stopped:
                         break
                 if self.step % self.steps_per_epoch == 0:  # a whole epoch
                     done = self.step // self.steps_per_epoch
@@ -155,6 +158,9 @@ class Trainer(RunTrainer):
                     window = (self.step, time.perf_counter())  # img/s counts training only
             if saved_at != self.step:
                 result["checkpoint"] = self._save()
+            if stopped:
+                return {**result, **self._stopped(stopped), "step": self.step,
+                        "epoch": self.step / self.steps_per_epoch}
             if checksum := self._teachers_bit_identical(self.method.teacher):
                 self.log.log({"step": self.step, "teacher_checksum": checksum, "teacher_bit_identical": True})
                 result["teacher_bit_identical"] = True

@@ -44,6 +44,7 @@ class SemiConfig:
     # optimisation
     total_steps: int = 2**20            # K: the length of the lr schedule
     max_steps: int | None = None        # stop after this many steps in total (the schedule keeps total_steps)
+    time_limit: float | None = None     # minutes of training in this process, then a checkpoint and exit 3
     lr: float = 0.03
     weight_decay: float = 5e-4          # not on BatchNorm parameters and biases
     sgd_momentum: float = 0.9           # Nesterov
@@ -116,6 +117,8 @@ class SemiConfig:
             raise ValueError(f"depth={self.depth}: a Wide ResNet is 6n+4 layers deep (10, 16, 22, 28, ...)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit={self.time_limit} must be > 0 (minutes)")
         if self.labeled_batch % world_size:
             raise ValueError(f"labeled_batch={self.labeled_batch} is not divisible by the {world_size} processes")
         return self

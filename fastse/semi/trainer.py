@@ -44,8 +44,8 @@ from fastse.smoothing import Smoother
 
 MEDIAN_OF = 20  # evaluations in the reported median
 # fields that may change between a run and its resumption without changing what is trained
-_RESUMABLE = frozenset({"max_steps", "out", "wandb", "wandb_project", "log_every", "eval_every", "ckpt_every",
-                        "keep_ckpts", "device", "cache_dir", "compile", "compile_mode", "data"})
+_RESUMABLE = frozenset({"max_steps", "time_limit", "out", "wandb", "wandb_project", "log_every", "eval_every",
+                        "ckpt_every", "keep_ckpts", "device", "cache_dir", "compile", "compile_mode", "data"})
 # fields a resumed run must share with its checkpoint: the model, labeled split and teacher rule it holds
 _FIXED = ("depth", "widen", "num_labels", "smoothing", "keep_prob", "granularity", "buffers")
 
@@ -126,9 +126,9 @@ class SemiTrainer(RunTrainer):
         first_step = self.step
         saved = self.step if self.step else None  # a resumed run starts at its checkpoint
         evaluated = self.evals[-1]["step"] if self.evals else None
-        batches = self.data.batches(self.step)
+        batches, stopped = self.data.batches(self.step), None
         with self._running():
-            while self.step < self.stop_step:
+            while self.step < self.stop_step and not stopped:
                 stats = self.train_step(next(batches))
                 self.step += 1
                 self.losses.add(stats, self.step)  # steps count from 1, as in the log lines
@@ -139,6 +139,7 @@ class SemiTrainer(RunTrainer):
                 if self.step % c.log_every == 0 or last:
                     result.update(self._log_interval(window))
                     window = (self.step, time.perf_counter())
+                    stopped = None if last else self._stop_reason()
                 if self.step % c.eval_every == 0 or last:
                     result.update(self._evaluate())
                     evaluated = self.step
@@ -147,6 +148,10 @@ class SemiTrainer(RunTrainer):
                     saved = self.step
                 if evaluated == self.step or saved == self.step:
                     window = (self.step, time.perf_counter())  # steps/s counts training only
+            if stopped:
+                if saved != self.step:
+                    result["checkpoint"] = self._save()
+                return {**result, **self._stopped(stopped), "step": self.step}
             if evaluated != self.step:  # a run resumed at its end
                 result.update(self._evaluate())
             if saved != self.step:
