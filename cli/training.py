@@ -15,7 +15,7 @@ import click
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # = fastse.config's
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-EXIT_STOPPED = 3  # stopped early with a checkpoint (--time-limit, SIGTERM, SIGUSR1): --resume continues
+EXIT_STOPPED = 3  # stopped early with a checkpoint (--time-limit, SIGTERM, SIGUSR1, Ctrl-C): --resume continues
 
 _ENGINE_OPTIONS = (
     click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto]."),
@@ -30,7 +30,7 @@ _ENGINE_OPTIONS = (
                  help="[default: auto: online with credentials, else offline]"),
     click.option("--time-limit", type=float, metavar="MINUTES",
                  help="Stop after this many minutes of training with a checkpoint (exit 3; --resume continues). "
-                      "SIGTERM and SIGUSR1 stop the same way."),
+                      "SIGTERM, SIGUSR1 and Ctrl-C stop the same way."),
     click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out."),
 )
 

@@ -239,6 +239,27 @@ def test_sigterm_stops_at_the_next_log_line_with_a_checkpoint_and_resume_is_bit_
         assert all(torch.equal(ga[group][k], gb[group][k]) for k in ga[group]), group
 
 
+def test_ctrl_c_stops_with_a_checkpoint_and_a_second_one_at_once(tiny_cifar, tmp_path):
+    for presses, out in ((1, tmp_path / "once"), (2, tmp_path / "twice")):
+        trainer = Trainer(small(tiny_cifar, out, epochs=1, knn_every=0, log_every=4))
+        step = trainer.train_step
+
+        def train_step(views, trainer=trainer, step=step, presses=presses):
+            if trainer.step == 1:
+                for _ in range(presses):
+                    os.kill(os.getpid(), signal.SIGINT)
+            return step(views)
+
+        trainer.train_step = train_step
+        if presses == 1:
+            assert trainer.fit()["stopped"] == "SIGINT" and latest_checkpoint(out).name == "step-000000004"
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                trainer.fit()
+            assert latest_checkpoint(out) is None  # stopped before its first checkpoint
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_time_limit_stops_with_a_checkpoint_and_exit_3_then_resume_finishes(tiny_cifar, tmp_path):
     from click.testing import CliRunner
     from fastse.cli.main import main

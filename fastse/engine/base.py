@@ -26,7 +26,8 @@ from fastse.engine import distributed as ddp
 from fastse.engine import runs
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # stop at the next log line with a checkpoint (SLURM, preemption)
+# stop at the next log line with a checkpoint (SLURM, preemption, Ctrl-C; a second Ctrl-C stops at once)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class RunTrainer:
@@ -65,14 +66,19 @@ class RunTrainer:
     @contextlib.contextmanager
     def _running(self):
         """Around `fit`'s loop: a failure ends every rank (`distributed.abort`); the run log is closed
-        and the process group left either way. SIGTERM and SIGUSR1 are noted for `_stop_reason` meanwhile
-        (in the main thread; the previous handlers come back after)."""
+        and the process group left either way. SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT) are noted for
+        `_stop_reason` meanwhile (in the main thread; the previous handlers come back after); a Ctrl-C
+        after a noted signal raises KeyboardInterrupt at once."""
         self.stop_signal: str | None = None
         self.fit_started = time.monotonic()
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             def note(signum: int, frame: Any) -> None:
+                if signum == signal.SIGINT and self.stop_signal:
+                    raise KeyboardInterrupt
                 self.stop_signal = signal.Signals(signum).name
+                if signum == signal.SIGINT:
+                    self.print("stopping at the next log line with a checkpoint (Ctrl-C again: now, without one)")
             handlers = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
         try:
             yield
