@@ -600,14 +600,19 @@ def _ended(procs: list[subprocess.Popen]) -> tuple[list[float], int]:
     return ends, hangs
 
 
-def test_an_exception_in_one_rank_ends_all_ranks_within_seconds(data, tmp_path, faults):
-    procs, logs = _two_ranks(small(data, tmp_path / "run"), {"kind": "raise", "rank": 1, "step": 3}, tmp_path)
+@pytest.mark.parametrize("kind", ["pretrain", "semi"])
+def test_an_exception_in_one_rank_ends_all_ranks_within_seconds(data, tmp_path, faults, kind):
+    if kind == "pretrain":
+        procs, logs = _two_ranks(small(data, tmp_path / "run"), {"kind": "raise", "rank": 1, "step": 3}, tmp_path)
+    else:
+        procs, logs = _two_ranks(semi_small(data, tmp_path / "run"), {"rank": 1, "step": 3}, tmp_path,
+                                 script=_SEMI_RANK)
     ends, hangs = _ended(procs)
     text = [f.read_text() for f in logs]
     seconds = max(ends) - _fault_time(logs[1])
     heard = "[rank 0] stopping: rank 1 failed: OutOfMemoryError: CUDA out of memory (injected)" in text[0]
     ok = not hangs and all(p.returncode != 0 for p in procs) and seconds < ALL_RANKS_END_S and heard
-    faults.add("exception in one rank (OOM) mid-training", 1, ok, hangs=hangs,
+    faults.add(f"{'semi: ' if kind == 'semi' else ''}exception in one rank (OOM) mid-training", 1, ok, hangs=hangs,
                outcome=f"all ranks ended {seconds:.1f} s after it; the others name it")
     assert not hangs and seconds < ALL_RANKS_END_S, text
     assert heard and "OutOfMemoryError" in text[1], text
@@ -844,17 +849,3 @@ def step(batch):
 trainer.train_step = step
 trainer.fit()
 """
-
-
-def test_semi_exception_in_one_rank_ends_all_ranks_within_seconds(data, tmp_path, faults):
-    config = semi_small(data, tmp_path / "run")
-    procs, logs = _two_ranks(config, {"rank": 1, "step": 3}, tmp_path, script=_SEMI_RANK)
-    ends, hangs = _ended(procs)
-    text = [f.read_text() for f in logs]
-    seconds = max(ends) - _fault_time(logs[1])
-    heard = "[rank 0] stopping: rank 1 failed: OutOfMemoryError: CUDA out of memory (injected)" in text[0]
-    ok = not hangs and all(p.returncode != 0 for p in procs) and seconds < ALL_RANKS_END_S and heard
-    faults.add("semi: exception in one rank (OOM) mid-training", 1, ok, hangs=hangs,
-               outcome=f"all ranks ended {seconds:.1f} s after it; the others name it")
-    assert not hangs and seconds < ALL_RANKS_END_S, text
-    assert heard and "OutOfMemoryError" in text[1], text

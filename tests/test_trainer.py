@@ -168,10 +168,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_rank(rank: int, world: int, port: int, config: PretrainConfig) -> None:
+def _as_rank(rank: int, world: int, port: int) -> None:
+    """Make this spawned process rank `rank` of `world` for the trainer's torchrun-style start."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def _ddp_rank(rank: int, world: int, port: int, config: PretrainConfig) -> None:
+    _as_rank(rank, world, port)
     trainer = Trainer(config)
     trainer.fit()
     torch.save({"teacher": trainer.method.teacher.state_dict(), "queue": trainer.method.queue,
@@ -195,9 +200,7 @@ def test_two_process_gloo_ddp_keeps_identical_teachers(tiny_cifar, tmp_path):
 
 
 def _signal_rank(rank: int, world: int, port: int, config: PretrainConfig, signalled: int, out: Path) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    _as_rank(rank, world, port)
     trainer = Trainer(config)
     step = trainer.train_step
 

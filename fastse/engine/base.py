@@ -120,6 +120,27 @@ class RunTrainer:
         self.optimizer.step()
         self.smoother.step(momentum=momentum)
 
+    def _write_checkpoint(self, model: nn.Module, extra_groups: Callable[[], dict[str, Any]] = dict,
+                          **meta: Any) -> str:
+        """Checkpoint the current step: `model`'s `student` and `teacher`, the optimizer, the RNG states,
+        `extra_groups()` and the smoother's state, config and `meta` in the metadata; the path ("" on
+        ranks other than 0). Rank 0 writes; every rank first takes rank 0's buffers (BN statistics, which
+        each rank accumulates from its own batches), so all hold the saved state. Nothing is written unless
+        the losses since the last check were finite, the state to save is finite and the ranks' teachers
+        agree (else TrainingError on every rank)."""
+        ddp.broadcast_buffers(model)
+        self._checked(lambda: runs.check_before_save(self.losses, model.state_dict(), model.teacher, step=self.step))
+        path = ""
+        if self.env.is_main:
+            opt_tensors, opt_layout = ckpt.optimizer_to_tensors(self.optimizer)
+            groups = {"student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
+                      "optimizer": opt_tensors, "rng": ckpt.rng_state(), **extra_groups()}
+            meta = {"config": self.config.to_dict(), "step": self.step, "world_size": self.env.world_size,
+                    "smoother": self.smoother.state_dict(), "optimizer_layout": opt_layout, **meta}
+            path = str(runs.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
+        ddp.barrier()
+        return path
+
     def _teachers_bit_identical(self, teacher: nn.Module) -> list[float] | None:
         """Under DDP, at the end (the checksums agreed at every log line): every byte of `teacher`
         compared with rank 0's and the result printed; the shared checksum, or None on one process."""

@@ -245,26 +245,10 @@ class Trainer(RunTrainer):
     # ----------------------------------------------------------------------------- checkpoints
 
     def _save(self) -> str:
-        """Checkpoint the current step. Rank 0 writes; every rank first takes rank 0's buffers (BN
-        statistics, which each rank accumulates from its own batches), so all hold the saved state.
-        Nothing is written unless the losses since the last check were finite, the state to save is
-        finite and the ranks' teachers agree (else TrainingError on every rank)."""
-        ddp.broadcast_buffers(self.method)
-        self._checked(lambda: runs.check_before_save(self.losses, self.method.state_dict(), self.method.teacher,
-                                                     step=self.step))
-        path = ""
-        if self.env.is_main:
-            opt_tensors, opt_layout = ckpt.optimizer_to_tensors(self.optimizer)
-            groups = {"student": self.method.student.state_dict(), "teacher": self.method.teacher.state_dict(),
-                      "optimizer": opt_tensors, "rng": ckpt.rng_state()}
-            if state := self.method.state_tensors():
-                groups["queue"] = state
-            meta = {"config": self.config.to_dict(), "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                    "steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size,
-                    "smoother": self.smoother.state_dict(), "optimizer_layout": opt_layout}
-            path = str(runs.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
-        ddp.barrier()
-        return path
+        """Checkpoint the current step (`_write_checkpoint`), with MoCo's queue and the epoch."""
+        return self._write_checkpoint(
+            self.method, lambda: {"queue": queue} if (queue := self.method.state_tensors()) else {},
+            epoch=self.step / self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch)
 
     def _load(self, path: Path, meta: dict) -> None:
         groups, meta = ckpt.load_checkpoint(path, device=self.env.device)  # checksums verified

@@ -148,14 +148,12 @@ class SemiTrainer(RunTrainer):
                     saved = self.step
                 if evaluated == self.step or saved == self.step:
                     window = (self.step, time.perf_counter())  # steps/s counts training only
-            if stopped:
-                if saved != self.step:
-                    result["checkpoint"] = self._save()
-                return {**result, **self._stopped(stopped), "step": self.step}
-            if evaluated != self.step:  # a run resumed at its end
+            if evaluated != self.step and not stopped:  # a run resumed at its end
                 result.update(self._evaluate())
             if saved != self.step:
                 result["checkpoint"] = self._save()
+            if stopped:
+                return {**result, **self._stopped(stopped), "step": self.step}
             result.update(self._report())
             return result
 
@@ -237,23 +235,8 @@ class SemiTrainer(RunTrainer):
     # ----------------------------------------------------------------------------- checkpoints
 
     def _save(self) -> str:
-        """Checkpoint the current step. Rank 0 writes; every rank first takes rank 0's BN statistics
-        (each rank accumulates its own), so all hold the saved state. Nothing is written unless the
-        losses so far and the state to save are finite and the ranks' teachers agree (else TrainingError
-        on every rank)."""
-        ddp.broadcast_buffers(self.model)
-        self._checked(lambda: runs.check_before_save(self.losses, self.model.state_dict(), self.model.teacher,
-                                                     step=self.step))
-        path = ""
-        if self.env.is_main:
-            opt_tensors, opt_layout = ckpt.optimizer_to_tensors(self.optimizer)
-            groups = {"student": self.model.student.state_dict(), "teacher": self.model.teacher.state_dict(),
-                      "optimizer": opt_tensors, "rng": ckpt.rng_state()}
-            meta = {"config": self.config.to_dict(), "step": self.step, "world_size": self.env.world_size,
-                    "smoother": self.smoother.state_dict(), "optimizer_layout": opt_layout, "evals": self.evals}
-            path = str(runs.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
-        ddp.barrier()
-        return path
+        """Checkpoint the current step (`_write_checkpoint`), with the evaluations so far."""
+        return self._write_checkpoint(self.model, evals=self.evals)
 
     def _load(self, path: Path, meta: dict) -> None:
         groups, meta = ckpt.load_checkpoint(path, device=self.env.device)  # checksums verified
