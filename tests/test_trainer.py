@@ -222,6 +222,50 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_cifar, tmp_
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))[1]["step"] == 4
 
 
+def _stuck_peer_rank(rank: int, world: int, port: int, config: PretrainConfig, marker: Path) -> None:
+    """Rank 1 stops answering at step 3 (alive, out of every collective), as a rank that is gone."""
+    from fastse.engine import base
+
+    base.STOP_GRACE_S = 1.0
+    _as_rank(rank, world, port)
+    trainer = Trainer(config)
+    step = trainer.train_step
+
+    def train_step(views):
+        if rank == 1 and trainer.step == 3:
+            marker.write_text("stuck")
+            time.sleep(300)
+        return step(views)
+
+    trainer.train_step = train_step
+    trainer.fit()
+
+
+def test_a_signalled_rank_whose_peer_is_gone_exits_instead_of_waiting_for_it(tiny_cifar, tmp_path):
+    """A collective with a stuck peer never returns, so the stop at the next log line cannot come: the
+    signalled rank exits after the watchdog's grace (here 1 s) with 128 + SIGTERM, as torchrun expects."""
+    config = small(tiny_cifar, tmp_path / "run", method="mocov2", batch_size=16, knn_every=0, log_every=2)
+    context, marker, port = mp.get_context("spawn"), tmp_path / "stuck", _free_port()
+    ranks = [context.Process(target=_stuck_peer_rank, args=(r, 2, port, config, marker)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists()
+        time.sleep(1.0)  # rank 0 is now inside step 4's gradient all-reduce, waiting for rank 1
+        os.kill(ranks[0].pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        ranks[0].join(timeout=30)
+        assert ranks[0].exitcode == 128 + signal.SIGTERM
+        assert time.monotonic() - signalled < 15
+    finally:
+        for process in ranks:
+            process.kill()
+            process.join()
+
+
 def test_sigterm_stops_at_the_next_log_line_with_a_checkpoint_and_resume_is_bit_identical(tiny_cifar, tmp_path):
     common = dict(method="byol", epochs=1, knn_every=0, deterministic=True, log_every=3)
     train(small(tiny_cifar, tmp_path / "a", **common))

@@ -24,10 +24,14 @@ from torch import Tensor, nn
 from fastse import checkpoints as ckpt
 from fastse.engine import distributed as ddp
 from fastse.engine import runs
+from fastse.engine.watchdog import StopWatchdog
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 # stop at the next log line with a checkpoint (SLURM, preemption, Ctrl-C; a second Ctrl-C stops at once)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# a rank of several that is stuck in one call this long after a stop signal (a collective whose peer is gone)
+# exits at once without a checkpoint (`watchdog.StopWatchdog`); torchrun would SIGKILL it after 30 s
+STOP_GRACE_S = 5.0
 
 
 class RunTrainer:
@@ -68,10 +72,12 @@ class RunTrainer:
         """Around `fit`'s loop: a failure ends every rank (`distributed.abort`); the run log is closed
         and the process group left either way. SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT) are noted for
         `_stop_reason` meanwhile (in the main thread; the previous handlers come back after); a Ctrl-C
-        after a noted signal raises KeyboardInterrupt at once."""
+        after a noted signal raises KeyboardInterrupt at once. With several ranks, a rank stuck in one call
+        `STOP_GRACE_S` after such a signal exits at once (`StopWatchdog`): its peers cannot answer."""
         self.stop_signal: str | None = None
         self.fit_started = time.monotonic()
-        handlers = {}
+        self._watchdog: StopWatchdog | None = None
+        handlers, watching = {}, contextlib.ExitStack()
         if threading.current_thread() is threading.main_thread():
             def note(signum: int, frame: Any) -> None:
                 if signum == signal.SIGINT and self.stop_signal:
@@ -80,12 +86,15 @@ class RunTrainer:
                 if signum == signal.SIGINT:
                     self.print("stopping at the next log line with a checkpoint (Ctrl-C again: now, without one)")
             handlers = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
+            if self.env.world_size > 1:
+                self._watchdog = watching.enter_context(StopWatchdog(STOP_SIGNALS, STOP_GRACE_S))
         try:
             yield
         except BaseException as e:
             ddp.abort(e)
             raise
         finally:
+            watching.close()
             for sig, previous in handlers.items():
                 signal.signal(sig, previous)
             self.log.close()
@@ -102,6 +111,8 @@ class RunTrainer:
             agreed = torch.tensor([code], device=self.env.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             code = int(agreed.item())
+        if code and self._watchdog:
+            self._watchdog.stand_down()  # every rank answered: the stop's checkpoint may take long calls
         if code == 2:
             return self.stop_signal or "a stop signal to another process"
         return f"the time limit of {limit:g} min" if code else None
