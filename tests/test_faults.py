@@ -198,13 +198,20 @@ def _temp_folders(run: Path) -> set[str]:
     return {p.name for p in folder.iterdir() if p.name.startswith(".tmp-")} if folder.is_dir() else set()
 
 
-def _after(log: Path, steps: int, delay: float):
-    """A `ready` for `_kill_when`: true `delay` s after `log` shows `steps` progress lines."""
+def _after(log: Path, steps: int, fraction: float):
+    """A `ready` for `_kill_when`: true `fraction` of a step after `log` shows `steps` progress lines, the
+    step's length read between the lines `steps - 1` and `steps`: a random moment of the next step
+    whether steps take 100 ms (CPU) or 2 ms (GPU), so a kill never drifts many steps further."""
+    seen: list[float] = []
     due: list[float] = []
 
     def ready() -> bool:
-        if not due and _steps(log) >= steps:
-            due.append(time.monotonic() + delay)
+        if not due:
+            done, now = _steps(log), time.monotonic()
+            if done >= steps - 1 and not seen:
+                seen.append(now)
+            if done >= steps:
+                due.append(now + fraction * (now - seen[0]))
         return bool(due) and time.monotonic() >= due[0]
 
     return ready
@@ -224,7 +231,8 @@ def _outside_writes(run: Path, before: set[str], ready):
 
 def test_kill_9_at_random_moments_and_inside_checkpoint_writes_then_resume(data, reference, tmp_path, faults):
     """Each attempt runs the same `--resume` command (20 steps, a checkpoint every 5) and is killed either
-    0-0.3 s after a random 6-9 more steps (past one checkpoint, mid-epoch; outside a write), or the moment a checkpoint
+    at a random moment of the step after a random 6-9 more steps (past one checkpoint, mid-epoch; outside a
+    write), or the moment a checkpoint
     write begins (with an older checkpoint complete). After every kill the newest complete checkpoint
     must load and be no older than before; the fifth attempt resumes from step 10, runs to the end and
     must be bit-identical to the uninterrupted reference, its metrics.jsonl holding each step's line once."""
@@ -238,7 +246,7 @@ def test_kill_9_at_random_moments_and_inside_checkpoint_writes_then_resume(data,
             result = "exited" if wait(proc) else "hang"
         else:  # odd attempts: the moment a checkpoint write has begun
             ready = (_new_temp_folder(out, before) if attempt % 2 else
-                     _outside_writes(out, before, _after(log, rng.randint(6, 9), rng.uniform(0, .3))))
+                     _outside_writes(out, before, _after(log, rng.randint(6, 9), rng.random())))
             result = _kill_when(proc, ready, time.monotonic() + HANG_S)
         attempt += 1
         if result != "killed":
