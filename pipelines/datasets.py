@@ -468,10 +468,13 @@ def _untar(archive: Path, dest: Path) -> None:
             proc = subprocess.Popen(["zstd", "-dcq", "--", str(archive)], stdout=subprocess.PIPE)
             try:
                 _untar_stream(proc.stdout, dest)
+                while proc.stdout.read(1 << 20):  # the bytes after tar's end marker (its record padding):
+                    pass  # unread, zstd would die of SIGPIPE when the pipe closes
             finally:
                 proc.stdout.close()
-                if proc.wait():
-                    raise DataError(f"{archive}: zstd failed to decompress it (exit {proc.returncode})")
+                code = proc.wait()
+            if code:
+                raise DataError(f"{archive}: zstd failed to decompress it (exit {code})")
         elif name.endswith(".tar.zst"):
             import zstandard
 
