@@ -155,13 +155,18 @@ def differences(a: Path, b: Path) -> list[str]:
     return out
 
 
+def uninterrupted(folder: Path, args) -> Path:
+    """`folder`/run of `fastse` with `args(run)`, uninterrupted (a subprocess, like the interrupted runs)."""
+    out = folder / "run"
+    proc = spawn(["-m", "fastse.cli.main", *args(out)], folder / "log.txt")
+    assert wait(proc) and proc.returncode == 0, (folder / "log.txt").read_text()[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory) -> Path:
-    """An uninterrupted run of `cli_args` (a subprocess, like the interrupted ones)."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    proc = spawn(["-m", "fastse.cli.main", *cli_args(data, out, "--resume")], out.parent / "log.txt")
-    assert wait(proc) and proc.returncode == 0, (out.parent / "log.txt").read_text()[-3000:]
-    return out
+    """An uninterrupted run of `cli_args`."""
+    return uninterrupted(tmp_path_factory.mktemp("reference"), lambda out: cli_args(data, out, "--resume"))
 
 
 # --------------------------------------------------------------------------------------------- crashes
@@ -738,11 +743,8 @@ def _semi_steps(log: Path) -> int:
 
 @pytest.fixture(scope="module")
 def semi_reference(data, tmp_path_factory) -> Path:
-    """An uninterrupted run of `semi_args` (a subprocess, like the interrupted one)."""
-    out = tmp_path_factory.mktemp("semi-reference") / "run"
-    proc = spawn(["-m", "fastse.cli.main", *semi_args(data, out, "--resume")], out.parent / "log.txt")
-    assert wait(proc) and proc.returncode == 0, (out.parent / "log.txt").read_text()[-3000:]
-    return out
+    """An uninterrupted run of `semi_args`."""
+    return uninterrupted(tmp_path_factory.mktemp("semi-reference"), lambda out: semi_args(data, out, "--resume"))
 
 
 def test_semi_kill_9_then_resume_is_bit_identical_and_logs_each_step_once(data, semi_reference, tmp_path, faults):
