@@ -49,7 +49,12 @@ def _choice(name: str) -> click.Choice:
 @click.option("--momentum", type=float, help="Teacher momentum [default: 0.99 BYOL, 0.999 MoCo].")
 @click.option("--momentum-schedule", type=_choice("momentum_schedule"),
               help="[default: cosine BYOL, constant MoCo]")
+@click.option("--proj-hidden-dim", type=int,
+              help="Projector (BYOL) / MLP head (MoCo) hidden width [default: 4096 BYOL, 2048 MoCo].")
+@click.option("--proj-dim", type=int, help="Projection size [default: 256 BYOL, 128 MoCo].")
+@click.option("--pred-hidden-dim", type=int, help="BYOL predictor hidden width [default: 4096].")
 @click.option("--queue-size", type=int, help="MoCo keys in the queue.")
+@click.option("--temperature", type=float, help="MoCo InfoNCE temperature [default: 0.2].")
 @click.option("--loader", type=_choice("loader"), help="Input pipeline backend [default: auto].")
 @click.option("--augmentation", type=_choice("augmentation"),
               help="Two-view augmentation recipe [default: the method's own].")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from fastse.cli import pretrain as cli
 from fastse.cli.main import main
+from safetensors.torch import load_file
 
 from fastse import config as cfg
 from fastse.config import PRESETS, PretrainConfig, preset
@@ -88,6 +90,8 @@ def test_validate_needs_a_batch_divisible_by_the_processes():
     (["--preset", "byol-cifar10", "--arch", "vgg16"], "Invalid value for '--arch'"),
     (["--preset", "byol-cifar10", "--smoothing", "swa"], "Invalid value for '--smoothing'"),
     (["--data", "cifar10", "--epochs", "0"], "--epochs=0 must be >= 1"),
+    (["--preset", "byol-cifar10", "--pred-hidden-dim", "0"], "--pred-hidden-dim=0 must be >= 1"),
+    (["--preset", "mocov2-cifar10", "--temperature", "0"], "--temperature=0.0 must be > 0"),
     pytest.param(["--data", "cifar10", "--device", "cuda"], "--device='cuda', but CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")),
 ])
@@ -127,3 +131,22 @@ def test_a_tiny_run_prints_the_knn_score_and_refuses_to_overwrite_it(tiny_cifar,
     resumed = run("--max-steps", "4", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "resumed at step 3" in resumed.output and (out / "checkpoints" / "step-000000004").is_dir()
+
+
+def test_head_flags_set_the_widths_of_the_model_and_its_backbone_export(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "pretrain", "--preset", "byol-cifar10", "--data", str(tiny_cifar), "--image-size", "16", "--batch-size", "8",
+        "--epochs", "1", "--max-steps", "1", "--out", str(out), "--wandb", "disabled", "--cache-dir",
+        str(tmp_path / "cache"), "--no-compile", "--proj-hidden-dim", "48", "--proj-dim", "24",
+        "--pred-hidden-dim", "40"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert (config["proj_hidden_dim"], config["proj_dim"], config["pred_hidden_dim"]) == (48, 24, 40)
+    checkpoint = next((out / "checkpoints").iterdir())
+    shapes = {f"{f.stem}.{name}": tuple(t.shape)
+              for f in checkpoint.glob("*.safetensors") for name, t in load_file(f).items()}
+    assert shapes["student.encoder.head.0.weight"] == (48, 512)
+    assert shapes["student.encoder.head.3.weight"] == (24, 48)
+    assert shapes["student.predictor.0.weight"] == (40, 24)
+    assert shapes["teacher.head.3.weight"] == (24, 48)
