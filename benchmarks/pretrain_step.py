@@ -2,6 +2,7 @@
 batch already on the GPU (what the loader must not slow down), measured in one run.
 
     python benchmarks/pretrain_step.py --preset byol-cifar10 --data <CIFAR-10 JPEG tree> [--steps 300]
+    python benchmarks/pretrain_step.py --preset byol-cifar10 --data <tree> --compile-mode reduce-overhead
     python benchmarks/pretrain_step.py --preset byol-imagenet --data <ImageNet-layout tree> --loader dali
     python benchmarks/pretrain_step.py --preset byol-imagenet --photo-jpegs 4000 --loader dali
 
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from steptime import profile, timed  # noqa: E402  (benchmarks/steptime.py)
 
-from fastse.config import PRESETS, preset  # noqa: E402
+from fastse.config import COMPILE_MODES, PRESETS, preset  # noqa: E402
 from fastse.engine.trainer import Trainer  # noqa: E402
 
 
@@ -49,6 +50,8 @@ def main() -> None:
                          "(benchmarks/pipelines.py's ImageNet-size set), for the 224 px DALI row")
     ap.add_argument("--loader", default="auto", choices=("auto", "tensor", "dali"))
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                    help="torch.compile mode of the step (reduce-overhead: CUDA graphs)")
     ap.add_argument("--steps", type=int, default=300, help="steps per timed block")
     ap.add_argument("--rounds", type=int, default=3, help="alternating real/synthetic block pairs")
     ap.add_argument("--warmup", type=int, default=30)
@@ -71,7 +74,7 @@ def main() -> None:
         args.data = str(bench_pipelines.imagenet_size_jpegs(default_cache_dir(), args.photo_jpegs)[0].parents[1])
 
     overrides = dict(data=args.data, loader=args.loader, device=args.device, wandb="disabled", knn_every=0,
-                     limit=args.limit, out=tempfile.mkdtemp(prefix="fastse-bench-"))
+                     limit=args.limit, compile_mode=args.compile_mode, out=tempfile.mkdtemp(prefix="fastse-bench-"))
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     trainer = Trainer(preset(args.preset, **overrides))
@@ -98,7 +101,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else "cpu"
     c = trainer.config
     print(f"# {args.preset}: {c.method}+{c.smoothing} {c.arch}, batch {batch}, {trainer.data_info}")
-    print(f"# {device}, compiled={trainer.compiled}, first step (compile) {first:.1f} s, "
+    print(f"# {device}, compiled={trainer.compiled} ({c.compile_mode}), first step (compile) {first:.1f} s, "
           f"{args.rounds} x {args.steps} steps per path")
     print("| path | img/s (median) | blocks |\n|---|---|---|")
     for name in ("real", "synthetic"):
