@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -10,9 +9,9 @@ import torch
 from click.testing import CliRunner
 from fastse.cli import pretrain as cli
 from fastse.cli.main import main
-from safetensors.torch import load_file
 
 from fastse import config as cfg
+from fastse.checkpoints import latest_checkpoint, load_checkpoint
 from fastse.config import PRESETS, PretrainConfig, preset
 
 
@@ -113,14 +112,19 @@ def tiny_cifar(cifar10_dir, tmp_path_factory):
     return root
 
 
+def tiny_run(data, tmp_path, out, *extra: str):
+    """`fastse pretrain --preset byol-cifar10` on the tiny tree at 16 px, batch 8, eager, into `out`."""
+    return CliRunner().invoke(main, [
+        "pretrain", "--preset", "byol-cifar10", "--data", str(data), "--image-size", "16",
+        "--batch-size", "8", "--epochs", "2", "--log-every", "1", "--out", str(out), "--wandb", "disabled",
+        "--cache-dir", str(tmp_path / "cache"), "--no-compile", *extra])
+
+
 def test_a_tiny_run_prints_the_knn_score_and_refuses_to_overwrite_it(tiny_cifar, tmp_path):
     out = tmp_path / "run"
 
     def run(*extra: str):
-        return CliRunner().invoke(main, [
-            "pretrain", "--preset", "byol-cifar10", "--data", str(tiny_cifar), "--image-size", "16",
-            "--batch-size", "8", "--epochs", "2", "--log-every", "1", "--out", str(out), "--wandb", "disabled",
-            "--cache-dir", str(tmp_path / "cache"), "--no-compile", *extra])
+        return tiny_run(tiny_cifar, tmp_path, out, *extra)
 
     result = run("--max-steps", "3")
     assert result.exit_code == 0, result.output
@@ -133,19 +137,15 @@ def test_a_tiny_run_prints_the_knn_score_and_refuses_to_overwrite_it(tiny_cifar,
     assert "resumed at step 3" in resumed.output and (out / "checkpoints" / "step-000000004").is_dir()
 
 
-def test_head_flags_set_the_widths_of_the_model_and_its_backbone_export(tiny_cifar, tmp_path):
+def test_head_flags_set_the_widths_of_student_and_teacher(tiny_cifar, tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, [
-        "pretrain", "--preset", "byol-cifar10", "--data", str(tiny_cifar), "--image-size", "16", "--batch-size", "8",
-        "--epochs", "1", "--max-steps", "1", "--out", str(out), "--wandb", "disabled", "--cache-dir",
-        str(tmp_path / "cache"), "--no-compile", "--proj-hidden-dim", "48", "--proj-dim", "24",
-        "--pred-hidden-dim", "40"])
+    result = tiny_run(tiny_cifar, tmp_path, out, "--max-steps", "1",
+                      "--proj-hidden-dim", "48", "--proj-dim", "24", "--pred-hidden-dim", "40")
     assert result.exit_code == 0, result.output
-    config = json.loads((out / "run.json").read_text())["config"]
+    groups, meta = load_checkpoint(latest_checkpoint(out))
+    config = meta["config"]
     assert (config["proj_hidden_dim"], config["proj_dim"], config["pred_hidden_dim"]) == (48, 24, 40)
-    checkpoint = next((out / "checkpoints").iterdir())
-    shapes = {f"{f.stem}.{name}": tuple(t.shape)
-              for f in checkpoint.glob("*.safetensors") for name, t in load_file(f).items()}
+    shapes = {f"{group}.{name}": tuple(t.shape) for group, tensors in groups.items() for name, t in tensors.items()}
     assert shapes["student.encoder.head.0.weight"] == (48, 512)
     assert shapes["student.encoder.head.3.weight"] == (24, 48)
     assert shapes["student.predictor.0.weight"] == (40, 24)
