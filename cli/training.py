@@ -21,7 +21,7 @@ _ENGINE_OPTIONS = (
     click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto]."),
     click.option("--compile/--no-compile", default=None, help="torch.compile the models [default: on CUDA]."),
     click.option("--compile-mode", type=click.Choice(COMPILE_MODES),
-                 help="torch.compile mode (reduce-overhead: CUDA graphs) [default: default]."),
+                 help="torch.compile mode (reduce-overhead: CUDA graphs) [default: the preset's, else default]."),
     click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels."),
     click.option("--seed", type=int),
     click.option("--cache-dir",

@@ -394,6 +394,8 @@ class DaliLoader:
     `(views, labels, params)`, params a tuple (per view) of {decision: float32 [B] CPU tensor}
     (hflip, color_jitter, grayscale, solarize, gaussian_blur where p < 1: 1 applied / 0 not; jitter
     factors; translate_y/x px; randaugment{slot}: pool index or -1; cutout_y/x centre px).
+    stream_priority: CUDA priority of DALI's streams (lower runs first; PyTorch's streams have 0, the
+    range is `torch.cuda.Stream.priority_range()`); None keeps DALI's default.
     """
 
     def __init__(
@@ -415,6 +417,7 @@ class DaliLoader:
         prefetch: int = 2,
         fused_decode: bool | None = None,
         return_params: bool = False,
+        stream_priority: int | None = None,
     ):
         require_dali()
         if hasattr(files, "files"):  # an ImageFolderIndex
@@ -436,6 +439,7 @@ class DaliLoader:
         self.fused_decode = len(recipe.views) == 1 if fused_decode is None else fused_decode
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.num_threads, self.prefetch = num_threads or min(8, cores), prefetch
+        self.stream_priority = stream_priority
         self.epoch = 0
         self._names: list[list[str]] = []  # per view, the names of the params outputs
         self._len = len(self._indices(0)) // batch_size  # also validates batch_size, rank, world_size
@@ -462,6 +466,8 @@ class DaliLoader:
             layout="HWC" if self.channels_last else "CHW", param_names=self._names if self.return_params else None,
             batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
             seed=rank_seed(self.seed, self.rank, epoch), prefetch_queue_depth=self.prefetch,
+            **({} if self.stream_priority is None or self.device_id is None
+               else {"default_cuda_stream_priority": self.stream_priority}),
         )
 
     def __iter__(self) -> Iterator[tuple]:

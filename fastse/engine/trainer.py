@@ -150,12 +150,18 @@ class Trainer(RunTrainer):
                         break
                 if self.step % self.steps_per_epoch == 0:  # a whole epoch
                     done = self.step // self.steps_per_epoch
+                    paused = False
                     if c.knn_every and done % c.knn_every == 0 and done < c.epochs and self.step < self.stop_step:
                         result.update(self._knn())
+                        paused = True
                     if done % c.ckpt_every == 0:
                         result["checkpoint"] = self._save()
-                        saved_at = self.step
-                    window = (self.step, time.perf_counter())  # img/s counts training only
+                        saved_at, paused = self.step, True
+                    if paused:  # img/s counts training only: restart the window once the GPU is idle (a
+                        # restart while the host runs steps ahead of the GPU would charge their time to it)
+                        if self.cuda:
+                            torch.cuda.synchronize(self.env.device)
+                        window = (self.step, time.perf_counter())
             if saved_at != self.step:
                 result["checkpoint"] = self._save()
             if stopped:
