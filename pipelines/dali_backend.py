@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -386,6 +386,8 @@ class DaliLoader:
     DistributedSampler, call `set_epoch` before each epoch. Yields `(views, labels)`: a tuple of
     [B, 3, size, size] tensors of `dtype` on `device` (channels_last memory if asked) and int64
     labels [B], all freshly allocated (the caller owns them). `device="cpu"` runs DALI's CPU mode.
+    Once `set_epoch` is in use, each epoch also prepares the next one's graph in a background thread
+    (defined, built, first batches scheduled), so a new epoch starts without that wait.
 
     files: image paths, or an ImageFolderIndex (then `labels` may be None). indices: restrict to
     those positions of `files` (e.g. a labelled split). fused_decode: each view that starts with
@@ -441,51 +443,74 @@ class DaliLoader:
         self.num_threads, self.prefetch = num_threads or min(8, cores), prefetch
         self.stream_priority = stream_priority
         self.epoch = 0
-        self._names: list[list[str]] = []  # per view, the names of the params outputs
         self._len = len(self._indices(0)) // batch_size  # also validates batch_size, rank, world_size
+        self._epochs_set = False  # set_epoch in use: the next iteration will read epoch + 1
+        self._ahead: tuple[int, Future] | None = None  # (epoch, its pipeline being prepared)
+        self._builder: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return self._len
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration reads (its permutation and its random streams)."""
-        self.epoch = epoch
+        self.epoch, self._epochs_set = epoch, True
 
     def _indices(self, epoch: int) -> np.ndarray:
         local = epoch_indices(len(self.pool), epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
                               batch_size=self.batch_size, drop_last=self.drop_last)
         return self.pool[local]
 
-    def pipeline(self, epoch: int):
-        """The DALI pipeline that reads `epoch` (call build(), then run() once per batch, len(self) times)."""
-        self._names.clear()
+    def pipeline(self, epoch: int, param_names: list | None = None):
+        """The DALI pipeline that reads `epoch` (call build(), then run() once per batch, len(self) times).
+        With return_params, `param_names` (a list) receives the names of each view's params outputs."""
         return recipe_pipeline(
             _EncodedBatches(self.files, self.labels, self._indices(epoch), self.batch_size, self.num_threads),
             self.recipe,
             gpu=self.device_id is not None, fused_decode=self.fused_decode, out_dtype=_DALI_DTYPES[self.dtype],
-            layout="HWC" if self.channels_last else "CHW", param_names=self._names if self.return_params else None,
+            layout="HWC" if self.channels_last else "CHW", param_names=param_names if self.return_params else None,
             batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
             seed=rank_seed(self.seed, self.rank, epoch), prefetch_queue_depth=self.prefetch,
             **({} if self.stream_priority is None or self.device_id is None
                else {"default_cuda_stream_priority": self.stream_priority}),
         )
 
-    def __iter__(self) -> Iterator[tuple]:
-        pipe = self.pipeline(self.epoch)
+    def _started(self, epoch: int) -> tuple:
+        """(the pipeline of `epoch`, built, its first batches scheduled; its params names per view)."""
+        names: list[list[str]] = []
+        pipe = self.pipeline(epoch, names)
         pipe.build()
+        pipe.schedule_run()
+        return pipe, names
+
+    def _take(self, epoch: int) -> tuple:
+        """The started pipeline of `epoch`: the one prepared ahead if it is that epoch's, else a new one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            started = ahead[1].result()  # a preparation for another epoch is waited for and dropped
+            if ahead[0] == epoch:
+                return started
+            del started
+        return self._started(epoch)
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch = self.epoch
+        pipe, param_names = self._take(epoch)
+        if self._epochs_set:  # the caller steps through epochs: prepare the next while this one runs
+            self._builder = self._builder or ThreadPoolExecutor(1, thread_name_prefix="dali-next-epoch")
+            self._ahead = (epoch + 1, self._builder.submit(self._started, epoch + 1))
         stream = torch.cuda.current_stream(self.device) if self.device_id is not None else None
-        n = len(self.recipe.views)
-        for _ in range(self._len):
-            outs = pipe.run()
+        n, cpu = len(self.recipe.views), torch.device("cpu")
+        for b in range(self._len):
+            outs = pipe.outputs()  # _started scheduled the first batches (DALI's prefetch queue)
             views = tuple(self._view(outs[i], i, stream) for i in range(n))
             labels = _owned(outs[n], torch.int64, self.device, stream)
-            if not self.return_params:
-                yield views, labels
-                continue
-            flat = iter(outs[n + 1 :])
-            cpu = torch.device("cpu")
-            yield views, labels, tuple({k: _owned(next(flat), torch.float32, cpu, None) for k in names}
-                                       for names in self._names)
+            if self.return_params:
+                flat = iter(outs[n + 1 :])
+                params = tuple({k: _owned(next(flat), torch.float32, cpu, None) for k in names}
+                               for names in param_names)
+            if b + 1 < self._len:
+                pipe.schedule_run()  # the batch after those queued (once this one's outputs are copied)
+            yield (views, labels, params) if self.return_params else (views, labels)
 
     def _view(self, batch, i: int, stream) -> torch.Tensor:
         size, name = self.recipe.size, self.recipe.name

@@ -409,6 +409,29 @@ def test_same_seed_same_batches_and_streams_differ(cifar):
     assert not torch.equal(a[0][1], epoch1[0][1]) and not torch.equal(flips(a), flips(epoch1))
 
 
+def test_epochs_prepared_ahead_match_fresh_pipelines(cifar):
+    files = cifar[0][:96]
+    make = lambda: loader(files, recipes.byol(32), batch_size=32, return_params=True)  # noqa: E731
+
+    def fresh(epoch):  # a new loader per epoch: no preparation ahead
+        it = make()
+        it.set_epoch(epoch)
+        return list(it)
+
+    stepping = make()
+    for epoch in (0, 1, 2, 5, 6):  # 5: the epoch prepared ahead (3) is dropped for another
+        stepping.set_epoch(epoch)
+        got, want = list(stepping), fresh(epoch)
+        assert stepping._ahead is not None and stepping._ahead[0] == epoch + 1
+        assert len(got) == len(want) == 3
+        for (va, la, pa), (vb, lb, pb) in zip(got, want):
+            assert torch.equal(la, lb) and all(torch.equal(x, y) for x, y in zip(va, vb))
+            assert all(torch.equal(x[k], y[k]) for x, y in zip(pa, pb) for k in x)
+    plain = make()
+    next(iter(plain))
+    assert plain._ahead is None  # without set_epoch (an evaluation loader) nothing is prepared ahead
+
+
 def test_yielded_tensors_are_owned(cifar):
     it = iter(loader(cifar[0][:256], recipes.byol(32)))
     views, labels = next(it)
