@@ -413,7 +413,7 @@ def test_epochs_prepared_ahead_match_fresh_pipelines(cifar):
     files = cifar[0][:96]
     make = lambda: loader(files, recipes.byol(32), batch_size=32, return_params=True)  # noqa: E731
 
-    def fresh(epoch):  # a new loader per epoch: no preparation ahead
+    def fresh(epoch):  # a new loader per epoch: that epoch's pipeline is built on the spot, not ahead
         it = make()
         it.set_epoch(epoch)
         return list(it)
