@@ -27,7 +27,8 @@ Each (run, seed) is a job. A job is done when its folder holds its final line (p
 the last step; FixMatch: the `final` summary) or, for eval-linear, when the folder's eval.json holds the
 protocol; done jobs are skipped, the others start with --resume from their newest checkpoint, an
 evaluation once its pretraining run is done. Jobs start in spec order (an evaluation right after its
-run), one at a time, or with --gpus one per GPU (CUDA_VISIBLE_DEVICES), each job's output appended to
+run), one at a time, or with --gpus one per GPU (CUDA_VISIBLE_DEVICES; --jobs-per-gpu K: K at a time on each,
+which fills the GPU while a job compiles, starts or evaluates), each job's output appended to
 <out>/logs/<job>.log. At --time-budget seconds after the start, or on SIGTERM / Ctrl-C, the running jobs
 are stopped (SIGTERM to their process group, SIGKILL after 30 s). A training run stops at its next log
 line with a checkpoint, so it loses no steps (only one killed after the 30 s loses those since its last
@@ -228,8 +229,20 @@ def _signal(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def job_slots(gpus: str | None, per_gpu: int = 1) -> list[str | None]:
+    """The GPU of each job slot for --gpus `gpus` (\"0,1\") and --jobs-per-gpu `per_gpu`, GPUs taken in
+    turn (0,1,0,1) so that the first jobs spread over all GPUs; [None] without --gpus."""
+    ids = [g.strip() for g in gpus.split(",")] if gpus else [None]
+    if gpus and (not all(ids) or len(set(ids)) < len(ids)):
+        raise SpecError(f"--gpus={gpus}: give distinct ids, e.g. 0,1,2,3")
+    if per_gpu < 1 or (per_gpu > 1 and not gpus):
+        raise SpecError(f"--jobs-per-gpu={per_gpu}: give K >= 1, and --gpus with K > 1")
+    return [g for _ in range(per_gpu) for g in ids]
+
+
 def run_jobs(jobs: list[Job], *, gpus: list[str | None], budget: float | None, logs: Path) -> int:
-    """Run the jobs not yet done (see the module docstring); the exit status."""
+    """Run the jobs not yet done (see the module docstring); the exit status. `gpus`: one entry per job
+    slot (a GPU id, repeated for several jobs on it), or [None]: one job at a time, CUDA_VISIBLE_DEVICES as is."""
     stopped: list[str] = []
     handler = lambda signum, frame: stopped.append(signal.Signals(signum).name)
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -243,10 +256,12 @@ def run_jobs(jobs: list[Job], *, gpus: list[str | None], budget: float | None, l
 def _run(jobs: list[Job], gpus: list[str | None], budget: float | None, logs: Path, stopped: list[str]) -> int:
     deadline = time.monotonic() + budget if budget else None
     pending = [j for j in jobs if not j.done()]
+    slots = ", ".join(f"{g} (x{gpus.count(g)})" if gpus.count(g) > 1 else g for g in dict.fromkeys(gpus)) \
+        if gpus[0] is not None else None
     say(f"{len(jobs) - len(pending)} of {len(jobs)} jobs done; {len(pending)} to run on "
-        f"{'GPUs ' + ','.join(map(str, gpus)) if gpus[0] is not None else 'this machine, one at a time'}"
+        f"{'GPUs ' + slots if slots else 'this machine, one at a time'}"
         + (f", time budget {budget:g} s" if budget else ""))
-    running: dict[str | None, tuple[Job, subprocess.Popen, float]] = {}
+    running: dict[int, tuple[Job, subprocess.Popen, float]] = {}  # by slot: an index into gpus
     failed: list[Job] = []
     while pending or running:
         if deadline is not None and time.monotonic() >= deadline and not stopped:
@@ -255,10 +270,10 @@ def _run(jobs: list[Job], gpus: list[str | None], budget: float | None, logs: Pa
             say(f"stopping at {stopped[0]}: killing {', '.join(j.name for j, _, _ in running.values()) or 'nothing'}")
             stop([p for _, p, _ in running.values()])
             break
-        for gpu, (job, proc, began) in list(running.items()):
+        for slot, (job, proc, began) in list(running.items()):
             if proc.poll() is None:
                 continue
-            del running[gpu]
+            del running[slot]
             if proc.returncode == 0 and job.done():
                 figures = load_run(job.folder).values() if job.command != "eval-linear" else {}
                 say(f"done {job.name} in {time.monotonic() - began:.0f} s"
@@ -272,12 +287,12 @@ def _run(jobs: list[Job], gpus: list[str | None], budget: float | None, logs: Pa
             pending.remove(job)
             failed.append(job)
             say(f"skip {job.name}: {job.after.name} failed")
-        for gpu in [g for g in gpus if g not in running]:
+        for slot in [i for i in range(len(gpus)) if i not in running]:
             ready = next((j for j in pending if j.after is None or j.after.done()), None)
             if ready is None:
                 break
             pending.remove(ready)
-            running[gpu] = (ready, start(ready, gpu, logs), time.monotonic())
+            running[slot] = (ready, start(ready, gpus[slot], logs), time.monotonic())
         if not running and pending:  # everything left waits on runs that did not finish
             failed += pending
             say(f"cannot run {', '.join(j.name for j in pending)}: what they evaluate is not finished")
@@ -311,15 +326,15 @@ def main() -> None:
     ap.add_argument("--data", help="--data of every command, instead of the spec's")
     ap.add_argument("--gpus", help="comma-separated GPU ids: one job on each at a time [default: one job at a time, "
                     "CUDA_VISIBLE_DEVICES as it is]")
+    ap.add_argument("--jobs-per-gpu", type=int, default=1, metavar="K",
+                    help="with --gpus: run K jobs at a time on each GPU [default: 1]")
     ap.add_argument("--time-budget", type=float, help="seconds: kill the running jobs then (they resume next time)")
     ap.add_argument("--dry-run", action="store_true", help="list the jobs, their state and commands; run nothing")
     args = ap.parse_args()
     try:
         if args.time_budget is not None and not args.time_budget > 0:
             raise SpecError(f"--time-budget={args.time_budget} must be > 0")
-        gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else [None]
-        if args.gpus and (not all(gpus) or len(set(gpus)) < len(gpus)):
-            raise SpecError(f"--gpus={args.gpus}: give distinct ids, e.g. 0,1,2,3")
+        gpus = job_slots(args.gpus, args.jobs_per_gpu)
         out, jobs = load_spec(args.spec, args.data)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)

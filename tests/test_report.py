@@ -417,3 +417,32 @@ args = {{ epochs = 3, ckpt-every = 1 }}
     assert "| ema epochs=1 | 0 | 1 |" in report and "| sts p=0.7 tensor epochs=3 | 0 | 3 |" in report
     assert (out / "report" / "pretrain-byol.png").stat().st_size > 0
     assert len(json.loads((b / "run.json").read_text())["starts"]) >= 2
+
+
+def test_study_runs_several_jobs_per_gpu_spread_over_the_gpus_first(tmp_path, monkeypatch):
+    study = _study()
+    assert study.job_slots("0,1", 2) == ["0", "1", "0", "1"] and study.job_slots(None) == [None]
+    for gpus, k, message in [("0,0", 1, "give distinct ids"), (None, 2, "and --gpus with K > 1"),
+                             ("0", 0, "give K >= 1")]:
+        with pytest.raises(study.SpecError, match=re.escape(message)):
+            study.job_slots(gpus, k)
+    jobs = [study.Job(f"{n}-s0", "pretrain", tmp_path / n, ["pretrain"], 0) for n in "abcde"]
+    finished, started, live = set(), [], []
+
+    class Proc(FakeProc):
+        def poll(self):
+            if super().poll() is not None and self in live:
+                live.remove(self)
+            return self.returncode
+
+    def start(job, gpu, logs):
+        started.append((job.name, gpu, len(live)))  # how many ran beside it when it started
+        live.append(Proc(job, finished, 0))
+        return live[-1]
+
+    monkeypatch.setattr(study, "start", start)
+    monkeypatch.setattr(study.Job, "done", lambda self: self.name in finished)
+    monkeypatch.setattr(study, "load_run", lambda folder: type("R", (), {"values": lambda self: {}})())
+    assert study.run_jobs(jobs, gpus=study.job_slots("0,1", 2), budget=None, logs=tmp_path) == 0
+    assert started[:4] == [("a-s0", "0", 0), ("b-s0", "1", 1), ("c-s0", "0", 2), ("d-s0", "1", 3)]
+    assert started[4][0] == "e-s0" and finished == {f"{n}-s0" for n in "abcde"}
