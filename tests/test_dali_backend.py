@@ -409,9 +409,13 @@ def test_same_seed_same_batches_and_streams_differ(cifar):
     assert not torch.equal(a[0][1], epoch1[0][1]) and not torch.equal(flips(a), flips(epoch1))
 
 
-def test_epochs_prepared_ahead_match_fresh_pipelines(cifar):
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, pytest.mark.gpu])])
+def test_epochs_prepared_ahead_match_fresh_pipelines(cifar, device):
     files = cifar[0][:96]
-    make = lambda: loader(files, recipes.byol(32), batch_size=32, return_params=True)  # noqa: E731
+    make = lambda: loader(files, recipes.byol(32), batch_size=32, return_params=True, device=device)  # noqa: E731
 
     def fresh(epoch):  # a new loader per epoch: that epoch's pipeline is built on the spot, not ahead
         it = make()
@@ -494,7 +498,6 @@ def test_benchmark_runs_on_cpu(cifar10_dir, tmp_path):
 # -------------------------------------------------------------------------------------- GPU
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @gpu
