@@ -163,21 +163,25 @@ def test_seeds_form_groups_with_mean_std_and_the_ema_comparison(study_runs):
 
     md = markdown(tables, "STS vs EMA").splitlines()
     assert md[0] == "# STS vs EMA"
-    header = ("| run | seeds | epochs | kNN top-1 % | kNN top-1: vs EMA | linear fast top-1 % | "
+    header = ("| run | seeds | epochs | kNN top-1 % | kNN top-1: vs EMA | paper | agrees | linear fast top-1 % | "
               "kNN top-1 (fastse knn) % | GPU | commit |")
     assert header in md
     rows = [line for line in md if line.startswith("| ") and not line.startswith("| run |")]
     assert rows == [
-        "| ema | 0, 1, 2 | 4 | 71.00 ± 1.00 | – | 81.00 ± 1.41 (2 of 3 runs) | – | cpu | 0123456789 |",
-        "| sts p=0.7 tensor | 0, 1, 2 | 4 | 74.00 ± 1.00 | +3.00 ± 0.82 (beyond the noise) | 84.00 ± 1.00 | – | cpu "
-        "| 0123456789 |",
-        "| se p=0.7 tensor | 0 | 4 | 60.00 | -11.00 (one seed: noise unknown) | 70.00 | – | cpu | 0123456789 |",
-        "| sts p=0.7 element | 0 | 4 | 71.50 | +0.50 (one seed: noise unknown) | 81.00 | 71.00 | cpu | 0123456789 |",
-        "| ema | 0 | 4 | 50.00 | – | cpu | 0123456789 |",
-        "| sts p=0.5 tensor | 0 | 2 of 4 | 46.00 | -4.00 (one seed: noise unknown) | cpu | 0123456789 |",
-        "| ema | 0, 1 | 3000 | 61.00 ± 0.71 | – | 70.50 ± 0.71 | 56.00 ± 0.71 | cpu | 0123456789 |",
-        "| sts p=0.5 tensor | 0, 1 | 3000 | 71.50 ± 1.41 | +10.50 ± 1.12 (beyond the noise) | 81.00 ± 1.41 | "
-        "66.50 ± 1.41 | cpu | 0123456789 |",
+        "| ema | 0, 1, 2 | 4 | 71.00 ± 1.00 | – | – | – | 81.00 ± 1.41 (2 of 3 runs) | – | cpu | 0123456789 |",
+        "| sts p=0.7 tensor | 0, 1, 2 | 4 | 74.00 ± 1.00 | +3.00 ± 0.82 (beyond the noise) | above EMA (+0.9 ImageNet "
+        "linear) | yes | 84.00 ± 1.00 | – | cpu | 0123456789 |",
+        # one seed: the EMA seeds' std stands in for its own, sqrt(1/1 + 1/3)
+        "| se p=0.7 tensor | 0 | 4 | 60.00 | -11.00 ± 1.15 (beyond the noise; EMA seeds spread) | level with EMA | "
+        "no: below | 70.00 | – | cpu | 0123456789 |",
+        "| sts p=0.7 element | 0 | 4 | 71.50 | +0.50 ± 1.15 (inside the noise; EMA seeds spread) | above EMA (+0.9 "
+        "ImageNet linear) | no: inside the noise | 81.00 | 71.00 | cpu | 0123456789 |",
+        "| ema | 0 | 4 | 50.00 | – | – | – | cpu | 0123456789 |",
+        "| sts p=0.5 tensor | 0 | 2 of 4 | 46.00 | -4.00 (one seed: noise unknown) | above EMA | "
+        "cannot tell (one seed) | cpu | 0123456789 |",
+        "| ema | 0, 1 | 3000 | 61.00 ± 0.71 | – | – | – | 70.50 ± 0.71 | 56.00 ± 0.71 | cpu | 0123456789 |",
+        "| sts p=0.5 tensor | 0, 1 | 3000 | 71.50 ± 1.41 | +10.50 ± 1.12 (beyond the noise) | above EMA (~+6, few "
+        "labels) | yes | 81.00 ± 1.41 | 66.50 ± 1.41 | cpu | 0123456789 |",
     ]
     assert any("mocov2-sts-s0` (sts p=0.5 tensor, seed 0): kNN top-1 46.00; 2 of 4 epochs" in line for line in md)
     assert "Shared settings: arch=resnet18, dataset=cifar10, epochs=4, batch_size=512" in "\n".join(md)
