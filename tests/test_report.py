@@ -450,3 +450,14 @@ def test_study_runs_several_jobs_per_gpu_spread_over_the_gpus_first(tmp_path, mo
     assert study.run_jobs(jobs, gpus=study.job_slots("0,1", 2), budget=None, logs=tmp_path) == 0
     assert started[:4] == [("a-s0", "0", 0), ("b-s0", "1", 1), ("c-s0", "0", 2), ("d-s0", "1", 3)]
     assert started[4][0] == "e-s0" and finished == {f"{n}-s0" for n in "abcde"}
+
+
+def test_the_committed_results_regenerate_from_their_run_records(tmp_path, monkeypatch):
+    """docs/RESULTS.md's tables come from docs/results/report.md, which `fastse report` rebuilds, as is, from
+    the committed run folders (the command in RESULTS.md)."""
+    monkeypatch.chdir(REPO)
+    folders = sorted(Path("docs/results/sts_vs_ema").glob("*-s*"))
+    assert len(folders) >= 10
+    _, text = write_report(folders, tmp_path, title="STS vs EMA on CIFAR-10 (issue 7)")
+    assert text.strip() == (REPO / "docs" / "results" / "report.md").read_text().strip()
+    assert {p.name for p in tmp_path.glob("*.png")} <= {p.name for p in (REPO / "docs" / "results").glob("*.png")}
