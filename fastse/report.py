@@ -10,6 +10,8 @@ are labelled by what differs between the groups of a table, e.g. `ema` vs `sts p
 Pretraining tables (one per method) give the teacher's kNN top-1 at the last step and the top-1 of every
 eval.json protocol; FixMatch tables the smoothed model's (teacher's) test top-1, the median of its last
 20 evaluations (FixMatch's figure) and the last one, and the student's median. Accuracies are in %.
+Rows of another teacher rule compare their main figure with the EMA row of the same settings (difference
+± standard error, inside or beyond the noise) and say what the paper claims and whether the row agrees.
 Nothing here imports torch; matplotlib is imported (Agg, no pyplot) only to draw the plots.
 """
 
