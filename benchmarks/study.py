@@ -256,10 +256,10 @@ def run_jobs(jobs: list[Job], *, gpus: list[str | None], budget: float | None, l
 def _run(jobs: list[Job], gpus: list[str | None], budget: float | None, logs: Path, stopped: list[str]) -> int:
     deadline = time.monotonic() + budget if budget else None
     pending = [j for j in jobs if not j.done()]
-    slots = ", ".join(f"{g} (x{gpus.count(g)})" if gpus.count(g) > 1 else g for g in dict.fromkeys(gpus)) \
-        if gpus[0] is not None else None
+    ids = list(dict.fromkeys(gpus))
+    each = f" ({len(gpus) // len(ids)} jobs each)" if len(gpus) > len(ids) else ""
     say(f"{len(jobs) - len(pending)} of {len(jobs)} jobs done; {len(pending)} to run on "
-        f"{'GPUs ' + slots if slots else 'this machine, one at a time'}"
+        f"{'GPUs ' + ','.join(ids) + each if ids[0] is not None else 'this machine, one at a time'}"
         + (f", time budget {budget:g} s" if budget else ""))
     running: dict[int, tuple[Job, subprocess.Popen, float]] = {}  # by slot: an index into gpus
     failed: list[Job] = []

@@ -42,9 +42,8 @@ SHARED = {
 # What the paper (Huang et al., NeurIPS 2021, abstract) claims for each teacher rule against EMA (TMA): STS
 # "brings general (sometimes significant) improvement" (BYOL: +0.9 ImageNet linear top-1; FixMatch: about +6
 # top-1 on CIFAR-10 with few labels); SE alone "obtains comparable performance". By rule, then method.
-CLAIMS = {"sts": ("above", {"byol": "above EMA (+0.9 ImageNet linear)", "fixmatch": "above EMA (~+6, few labels)"},
-                  "above EMA"),
-          "se": ("level", {}, "level with EMA")}
+CLAIMS = {"sts": "above EMA", "se": "level with EMA"}
+CLAIMED_FIGURES = {("sts", "byol"): " (+0.9 ImageNet linear)", ("sts", "fixmatch"): " (~+6, few labels)"}
 METHOD_NAMES = {"byol": "BYOL pretraining", "mocov2": "MoCo v2 pretraining", "fixmatch": "FixMatch"}
 EVAL_NAMES = {"knn": "kNN top-1 (fastse knn)"}  # other eval.json keys are linear protocols
 
@@ -319,9 +318,10 @@ def _fmt(stat: tuple[float, float | None, int] | None, n: int) -> str:
     return text if k == n else f"{text} ({k} of {n} runs)"
 
 
-def _delta(group: Group, base: Group | None, column: str) -> tuple[str, float, float | None]:
-    """(text, difference of means from the EMA row, its standard error or None). A row of one seed borrows
-    the EMA row's spread (its std as every seed's), where that row has two seeds or more."""
+def _delta(group: Group, base: Group | None, column: str) -> tuple[str, float, bool | None]:
+    """(text, difference of means from the EMA row, whether it is beyond the noise: None where unknown).
+    The standard error is sqrt(s1²/n1 + s2²/n2); a row of one seed borrows the EMA row's std, where that
+    row has two seeds or more."""
     a, b = group.stat(column), base.stat(column) if base else None
     if a is None or b is None:
         return "–", math.nan, None
@@ -332,27 +332,25 @@ def _delta(group: Group, base: Group | None, column: str) -> tuple[str, float, f
     if std_a is None or b[1] is None:
         return f"{delta:+.2f} (one seed: noise unknown)", delta, None
     se = math.sqrt(std_a ** 2 / n_a + b[1] ** 2 / b[2])
-    verdict = "beyond the noise" if abs(delta) > 2 * se else "inside the noise"
-    return f"{delta:+.2f} ± {se:.2f} ({verdict}{'; EMA seeds spread' if borrowed else ''})", delta, se
-
-
-def _claim(group: Group, method: str, delta: float, se: float | None) -> tuple[str, str]:
-    """(the paper's claim for the row's rule against EMA, whether this row agrees)."""
-    rule = CLAIMS.get(group.config.get("smoothing"))
-    if rule is None:
-        return "–", "–"
-    kind, texts, default = rule
-    if math.isnan(delta):
-        return texts.get(method, default), "–"
-    if se is None:
-        return texts.get(method, default), "cannot tell (one seed)"
     beyond = abs(delta) > 2 * se
+    verdict = ("beyond the noise" if beyond else "inside the noise") + ("; EMA seeds spread" if borrowed else "")
+    return f"{delta:+.2f} ± {se:.2f} ({verdict})", delta, beyond
+
+
+def _claim(group: Group, method: str, delta: float, beyond: bool | None) -> tuple[str, str]:
+    """(the paper's claim for the row's rule against EMA, whether this row agrees)."""
+    rule = group.config.get("smoothing")
+    if rule not in CLAIMS:
+        return "–", "–"
+    claim = CLAIMS[rule] + CLAIMED_FIGURES.get((rule, method), "")
+    if math.isnan(delta):
+        return claim, "–"
+    if beyond is None:
+        return claim, "cannot tell (one seed)"
     side = "above" if delta > 0 else "below"
-    if kind == "above":
-        agrees = "yes" if beyond and delta > 0 else f"no: {side}" if beyond else "no: inside the noise"
-    else:
-        agrees = "yes: inside the noise" if not beyond else f"no: {side}"
-    return texts.get(method, default), agrees
+    if CLAIMS[rule].startswith("above"):
+        return claim, ("yes" if side == "above" else "no: below") if beyond else "no: inside the noise"
+    return claim, f"no: {side}" if beyond else "yes: inside the noise"
 
 
 def _num(v: float) -> str:
@@ -402,8 +400,8 @@ def markdown(tables: list[Table], title: str, images: dict[str, str] | None = No
             n = len(g.runs)
             cells = [g.label, ", ".join(str(r.seed) for r in g.runs), _progress(g), _fmt(g.stat(cols[0][0]), n)]
             if with_delta:
-                text, delta, se = _delta(g, t.baseline(g), t.metric)
-                cells += [text, *_claim(g, t.method, delta, se)]
+                text, delta, beyond = _delta(g, t.baseline(g), t.metric)
+                cells += [text, *_claim(g, t.method, delta, beyond)]
             cells += [_fmt(g.stat(k), n) for k, _ in cols[1:]] + [_starts(g.runs, "device"), _starts(g.runs, "commit")]
             out.append("| " + " | ".join(cells) + " |")
         out += ["", "Mean ± sample standard deviation across seeds (the std only with 2 or more seeds)."]

@@ -498,8 +498,6 @@ def test_benchmark_runs_on_cpu(cifar10_dir, tmp_path):
 # -------------------------------------------------------------------------------------- GPU
 
 
-
-
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(recipes.RECIPES))

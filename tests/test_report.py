@@ -318,6 +318,13 @@ class FakeProc:
         return self.returncode
 
 
+def _fake_processes(monkeypatch, study, start, finished: set) -> None:
+    """study.py with `start` in place of starting processes; a job is done once its name is in `finished`."""
+    monkeypatch.setattr(study, "start", start)
+    monkeypatch.setattr(study.Job, "done", lambda self: self.name in finished)
+    monkeypatch.setattr(study, "load_run", lambda folder: type("R", (), {"values": lambda self: {}})())
+
+
 def test_study_queue_runs_one_job_per_gpu_and_evaluates_after_the_run(tmp_path, monkeypatch):
     study = _study()
     a = study.Job("a-s0", "pretrain", tmp_path / "a", ["pretrain"], 0)
@@ -331,9 +338,7 @@ def test_study_queue_runs_one_job_per_gpu_and_evaluates_after_the_run(tmp_path, 
         (logs / f"{job.name}.log").write_text("Traceback: boom\n")
         return FakeProc(job, finished, rc.get(job.name, 0))
 
-    monkeypatch.setattr(study, "start", start)
-    monkeypatch.setattr(study.Job, "done", lambda self: self.name in finished)
-    monkeypatch.setattr(study, "load_run", lambda folder: type("R", (), {"values": lambda self: {}})())
+    _fake_processes(monkeypatch, study, start, finished)
     handler = signal.getsignal(signal.SIGTERM)
     assert study.run_jobs(jobs, gpus=["0", "1"], budget=None, logs=tmp_path) == study.FAILED
     assert started == [("a-s0", "0"), ("b-s0", "1"), ("a-s0.lin", "0")]  # the eval waits for its run
@@ -444,9 +449,7 @@ def test_study_runs_several_jobs_per_gpu_spread_over_the_gpus_first(tmp_path, mo
         live.append(Proc(job, finished, 0))
         return live[-1]
 
-    monkeypatch.setattr(study, "start", start)
-    monkeypatch.setattr(study.Job, "done", lambda self: self.name in finished)
-    monkeypatch.setattr(study, "load_run", lambda folder: type("R", (), {"values": lambda self: {}})())
+    _fake_processes(monkeypatch, study, start, finished)
     assert study.run_jobs(jobs, gpus=study.job_slots("0,1", 2), budget=None, logs=tmp_path) == 0
     assert started[:4] == [("a-s0", "0", 0), ("b-s0", "1", 1), ("c-s0", "0", 2), ("d-s0", "1", 3)]
     assert started[4][0] == "e-s0" and finished == {f"{n}-s0" for n in "abcde"}
