@@ -1,6 +1,10 @@
 """Teacher-update speed: fastse's EMA/SE/STS kernels against three baselines and the memory floor.
 
-    python benchmarks/teacher_update.py [--iters 100] [--models resnet50_byol,wrn_28_2] [--json out.json]
+    python benchmarks/teacher_update.py [--iters 100] [--models resnet50_byol,wrn_28_2] [--kernels triton,torch]
+                                        [--json out.json]
+
+--kernels torch times only fastse's portable torch path (what runs where Triton is missing: CPUs, CUDA
+without the triton package) on this GPU, next to the three baselines, even where Triton is available.
 
 Per model (fp32 parameters on one GPU) and implementation, two numbers from CUDA events, median of
 --iters single updates:

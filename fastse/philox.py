@@ -29,27 +29,48 @@ def step_key(seed: int, step: int) -> int:
     return splitmix64(splitmix64(seed & 0xFFFFFFFFFFFFFFFF) ^ (step & 0xFFFFFFFFFFFFFFFF))
 
 
-def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of a * b for a in [0, 2^32) held in int64 and a 32-bit constant b."""
-    t1 = a * (b & 0xFFFF)
-    t2 = a * (b >> 16)
-    s = t1 + ((t2 & 0xFFFF) << 16)
-    return (t2 >> 16) + (s >> 32), s & _M32
+def _mul_(a: torch.Tensor, b: int) -> None:
+    """a <- a * b mod 2^64 in place, for int64 a in [0, 2^32) and a 32-bit constant b (unsigned arithmetic, so no
+    signed overflow): the product's low word lands in bits 0-31 and its high word in bits 32-63."""
+    a.view(torch.uint64).mul_(b)
 
 
-def philox4x32(key: int, counter: torch.Tensor, rounds: int = ROUNDS) -> torch.Tensor:
-    """Philox4x32 of counters (counter, 0, 0, 0): int64 tensor [n] -> int64 tensor [n, 4] of uint32 values."""
+def _words(key: int, counter: torch.Tensor, rounds: int) -> tuple[torch.Tensor, ...]:
+    """The four output words of Philox4x32 with counters (counter, 0, 0, 0): int64 tensors [n], ten in-place ops
+    per round on five buffers. Words 0 and 2 are in [0, 2^32); words 1 and 3 carry junk above bit 31."""
     c0 = counter & _M32
     c1 = counter >> 32
     c2 = torch.zeros_like(counter)
     c3 = torch.zeros_like(counter)
+    spare = torch.empty_like(counter)
     k0, k1 = key & _M32, (key >> 32) & _M32
     for _ in range(rounds):
-        hi_b, lo_b = _mulhilo(c2, _ROUND_B)
-        hi_a, lo_a = _mulhilo(c0, _ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        _mul_(c2, _ROUND_B)
+        _mul_(c0, _ROUND_A)
+        torch.bitwise_right_shift(c2, 32, out=spare)  # high word (sign junk above bit 31, masked off below)
+        spare.bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(_M32)
+        torch.bitwise_right_shift(c0, 32, out=c1)
+        c1.bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(_M32)
+        # (hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a); the old c3 buffer is free again
+        c0, c1, c2, c3, spare = spare, c2, c1, c0, c3
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return torch.stack((c0, c1, c2, c3), dim=1)
+    return c0, c1, c2, c3
+
+
+def philox4x32(key: int, counter: torch.Tensor, rounds: int = ROUNDS) -> torch.Tensor:
+    """Philox4x32 of counters (counter, 0, 0, 0): int64 tensor [n] -> int64 tensor [n, 4] of uint32 values."""
+    return torch.stack(_words(key, counter, rounds), dim=1) & _M32
+
+
+def draws_at_least(key: int, counter: torch.Tensor, threshold: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Whether the 16-bit draw of each fragment 8c .. 8c+7 of each counter c is >= `threshold`: bool [n, 8]
+    (`out` if given), in fragment order. The comparison behind u_f >= p is d_f >= ceil(65536 p)."""
+    flags = torch.empty(counter.numel(), 4, 2, dtype=torch.bool, device=counter.device) if out is None \
+        else out.view(-1, 4, 2)
+    for j, word in enumerate(_words(key, counter, ROUNDS)):
+        torch.ge(word & 0xFFFF, threshold, out=flags[:, j, 0])
+        torch.ge(word.bitwise_and_(0xFFFF0000), threshold << 16, out=flags[:, j, 1])
+    return flags.view(-1, 8)
 
 
 def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:

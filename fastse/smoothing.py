@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+import struct
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -223,12 +224,15 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class _TorchGroup:
-    """Multi-tensor torch ops (`torch._foreach_*` and masked `where`): CPU, or CUDA without Triton."""
+    """Torch ops for one (device, dtype) group: CPU, or CUDA without Triton. A fixed number of ops per step,
+    whatever the number of tensors: EMA and tensor granularity run `torch._foreach_*` over the tensors; channel and
+    element granularity run on flat buffers (`_FlatUpdate`)."""
 
     def __init__(self, plan: _Plan, idx: list[int], device: torch.device):
         self.plan, self.idx, self.device = plan, idx, device
         self.t = [_flat(plan.teacher[i]) for i in idx]
         self.s = [_flat(plan.student[i]) for i in idx]
+        self.flat: _FlatUpdate | None = None  # built at the first masked channel/element step
 
     def run(self, rule, key, keep_prob, weight, host_update):
         plan = self.plan
@@ -244,17 +248,78 @@ class _TorchGroup:
                 else:
                     torch._foreach_lerp_(ts, ss, weight)
             return len(sel)
-        u = philox.uniform(key, 0, plan.n_index, self.device)
-        count = torch.zeros((), dtype=torch.int64, device=self.device)
-        for t, s, i in zip(self.t, self.s, self.idx):
-            base, n = plan.frag_bases[i], plan.frag_counts[i]
-            update = u[base : base + n] >= keep_prob
-            count += update.sum()
-            if n != t.numel():  # channel fragments: broadcast over each channel's elements
-                update = update.repeat_interleave(t.numel() // n)
-            new = s if rule == "se" else torch.lerp(t, s, weight)
-            t.copy_(torch.where(update, new, t))
-        return count
+        if self.flat is None:
+            self.flat = _FlatUpdate(self)
+        return self.flat.run(rule, key, keep_prob, weight)
+
+
+class _FlatUpdate:
+    """The masked channel/element update of a torch group on one flat teacher and one flat student buffer.
+
+    Per step: one `_foreach_copy_` gathers teacher and student, one batched Philox pass (`philox.draws_at_least`)
+    flags every fragment, one `torch.where` (after one `torch.lerp` for sts) updates the flagged elements and one
+    `_foreach_copy_` writes the teacher back. No host-device sync. Element granularity lays the tensors out as
+    the fragment index space does (each starts 8-aligned), so the flags of the group's Philox counters are the
+    element mask as drawn; channel granularity packs the tensors and expands channel flags to elements as the
+    prefix sum of their changes. Holds two flat copies of the group's tensors."""
+
+    def __init__(self, group: _TorchGroup):
+        plan, device = group.plan, group.device
+        self.granularity = plan.granularity
+        sizes = [t.numel() for t in group.t]
+        bases = [plan.frag_bases[i] for i in group.idx]
+        frags = [plan.frag_counts[i] for i in group.idx]
+        if self.granularity == "element":  # one counter per 8 elements of a tensor, each tensor 8-aligned
+            counters = [torch.arange(b // 8, b // 8 + _cdiv(n, 8), dtype=torch.int64) for b, n in zip(bases, sizes)]
+            offsets = [0]
+            for n in sizes:
+                offsets.append(offsets[-1] + 8 * _cdiv(n, 8))
+        else:  # channel: the counters spanning the group's fragments; flags picked at frag_pos, packed tensors
+            first, end = bases[0], bases[-1] + frags[-1]
+            counters = [torch.arange(first // 8, _cdiv(end, 8), dtype=torch.int64)]
+            offsets = [0]
+            for n in sizes:
+                offsets.append(offsets[-1] + n)
+            # every fragment holds an element (_Plan refuses empty channels), so the fragments' first elements
+            # are distinct and tile the flat buffer in order
+            ks = range(len(sizes))
+            pos = torch.cat([torch.arange(bases[k], bases[k] + frags[k]) for k in ks]) - first // 8 * 8
+            starts = torch.cat([offsets[k] + torch.arange(frags[k]) * (sizes[k] // max(frags[k], 1)) for k in ks])
+            self.frag_pos, self.starts = pos.to(device), starts.to(device)
+            self.change = torch.zeros(offsets[-1], dtype=torch.int8, device=device)  # nonzero only at starts
+            self.mask = torch.empty(offsets[-1], dtype=torch.int8, device=device)
+        self.counters = torch.cat(counters).to(device)
+        self.flags = torch.empty(8 * self.counters.numel(), dtype=torch.bool, device=device)
+        dtype = group.t[0].dtype
+        self.ft = torch.zeros(offsets[-1], dtype=dtype, device=device)
+        self.fs = torch.zeros(offsets[-1], dtype=dtype, device=device)
+        self.ft_views = [self.ft[a : a + n] for a, n in zip(offsets, sizes)]
+        fs_views = [self.fs[a : a + n] for a, n in zip(offsets, sizes)]
+        self.gather = (self.ft_views + fs_views, group.t + group.s)
+        self.teacher = group.t
+        self.element_flags = [self.flags[a : a + n] for a, n in zip(offsets, sizes)]  # per tensor, at element
+
+    def run(self, rule: str, key: int, keep_prob: float, weight: float) -> _Deferred:
+        philox.draws_at_least(key, self.counters, _threshold16(keep_prob), out=self.flags)
+        if self.granularity == "element":
+            mask, flagged = self.flags, self.element_flags
+        else:
+            frag = self.flags[self.frag_pos]  # bool [fragments]
+            d = frag.to(torch.int8)
+            self.change[self.starts] = torch.diff(d, prepend=d.new_zeros(1))
+            mask, flagged = torch.cumsum(self.change, 0, dtype=torch.int8, out=self.mask).view(torch.bool), [frag]
+        torch._foreach_copy_(*self.gather)
+        if rule == "sts":
+            torch.lerp(self.ft, self.fs, weight, out=self.fs)
+        torch.where(mask, self.fs, self.ft, out=self.ft)
+        torch._foreach_copy_(self.teacher, self.ft_views)
+        return _Deferred(lambda: int(sum(f.sum() for f in flagged)))  # one sync, when asked
+
+
+def _threshold16(keep_prob: float) -> int:
+    """The least 16-bit draw d that updates its fragment: u = d / 65536 >= keep_prob compared in float32, as the
+    Triton kernel and torch's float32 comparison do."""
+    return math.ceil(struct.unpack("f", struct.pack("f", keep_prob))[0] * 65536)
 
 
 class _TritonGroup:
@@ -293,20 +358,23 @@ class _TritonGroup:
         )
         if plan.granularity == "tensor":
             return self.partial
-        if plan.granularity == "element":  # counted on demand: see _Plan.updated_count
-            return _Deferred(self, (rule, key, keep_prob, weight, host_update))
+        if plan.granularity == "element":  # counted on demand, by a draw-only pass: see _Plan.updated_count
+            return _Deferred(lambda: self.count_only(rule, key, keep_prob, weight, host_update))
         return None
+
+    def count_only(self, rule, key, keep_prob, weight, host_update) -> int:
+        self.run(rule, key, keep_prob, weight, host_update, count_only=True)
+        return int(self.partial.sum())
 
 
 class _Deferred:
-    """An element-granularity count, computed only when asked (a draw-only pass, no data traffic)."""
+    """A fragment count computed only when asked (`int()`, a device sync): `stats()` reads it to log."""
 
-    def __init__(self, group: _TritonGroup, args: tuple):
-        self.group, self.args = group, args
+    def __init__(self, count: Callable[[], int]):
+        self.count = count
 
     def __int__(self) -> int:
-        self.group.run(*self.args, count_only=True)
-        return int(self.group.partial.sum())
+        return self.count()
 
 
 _RULE_IDS = {"ema": 0, "se": 1, "sts": 2}

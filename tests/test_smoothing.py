@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
+from torch import Tensor, nn
 
 from fastse import philox
 from fastse.smoothing import Smoother, cosine_momentum, make_teacher, smooth_, unwrap
@@ -217,6 +217,112 @@ def test_philox_known_answer():
     assert philox.philox4x32(0, torch.tensor([0]))[0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     u = philox.uniform(3, 5, 50)
     assert torch.equal(u[10:20], philox.uniform(3, 15, 10))
+
+
+def plain_philox(key: int, counter: int) -> list[int]:
+    """Philox4x32-10 of counter (counter, 0, 0, 0) with a 64-bit key, in Python integers (Salmon et al. 2011)."""
+    c, k, m = [counter & 0xFFFFFFFF, counter >> 32, 0, 0], [key & 0xFFFFFFFF, key >> 32], 0xFFFFFFFF
+    for _ in range(10):
+        pa, pb = c[0] * 0xD2511F53, c[2] * 0xCD9E8D57
+        c = [(pb >> 32) ^ c[1] ^ k[0], pb & m, (pa >> 32) ^ c[3] ^ k[1], pa & m]
+        k = [(k[0] + 0x9E3779B9) & m, (k[1] + 0xBB67AE85) & m]
+    return c
+
+
+def test_philox_matches_a_plain_python_philox():
+    keys = [0, 1, 2**63 + 12345, 0xFFFFFFFFFFFFFFFF, philox.step_key(7, 3)]
+    counters = [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40 + 5, 2**62 + 3]
+    for key in keys:
+        got = philox.philox4x32(key, torch.tensor(counters)).tolist()
+        assert got == [plain_philox(key, c) for c in counters], key
+        words = [w for c in range(4, 7) for w in plain_philox(key, c)]
+        halves = [h for w in words for h in (w & 0xFFFF, w >> 16)]
+        assert philox.uniform(key, 37, 11).tolist() == [h / 65536 for h in halves[5:16]]
+
+
+def per_tensor_step(teacher, student, rule, keep_prob, m, granularity, key):
+    """The update tensor by tensor (one draw, mask and `torch.where` each), in memory order; returns the
+    number of fragments updated."""
+    base, updated = 0, 0
+    for tp, sp in zip(teacher, student):
+        t, s = (x.data.as_strided((x.numel(),), (1,)) for x in (tp, sp))  # memory order, channels_last too
+        n_frag = 1 if granularity == "tensor" else tp.shape[0] if granularity == "channel" and tp.dim() >= 2 \
+            else t.numel()
+        update = torch.ones(n_frag, dtype=torch.bool)
+        if rule != "ema":
+            update = philox.uniform(key, base, n_frag) >= keep_prob
+        updated += int(update.sum())
+        new = s if rule == "se" else torch.lerp(t, s, 1 - m)
+        t.copy_(torch.where(update.repeat_interleave(t.numel() // n_frag if n_frag else 0), new, t))
+        base += n_frag if granularity != "element" else -(-n_frag // 8) * 8
+    return updated
+
+
+class Mixed(nn.Module):
+    """Three (device, dtype) groups whose tensors interleave, a channels_last kernel, an empty tensor, sizes
+    that are not multiples of 8."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Parameter(torch.randn(6, 3, 3, 3).to(memory_format=torch.channels_last))
+        self.scale = nn.Parameter(torch.randn(13, dtype=torch.float64))
+        self.empty = nn.Parameter(torch.empty(0, 3))
+        self.proj = nn.Parameter(torch.randn(5, 7).to(torch.bfloat16))
+        self.bias = nn.Parameter(torch.randn(21))
+        self.fc = nn.Parameter(torch.randn(9, 300))
+        self.gain = nn.Parameter(torch.randn(4, 2, dtype=torch.float64))
+
+
+def bits(t: Tensor) -> Tensor:
+    return t.detach().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("granularity", GRANS)
+def test_torch_path_matches_per_tensor_reference_bitwise(rule, granularity):
+    student = Mixed()
+    fast, ref = make_teacher(student), make_teacher(student)
+    with torch.no_grad():
+        for a, b in zip(fast.parameters(), ref.parameters()):
+            a.normal_().as_strided((a.numel(),), (1,))[::5] = -0.0  # kept negative zeros must stay negative
+            b.copy_(a)
+        student.fc[2, 7] = float("inf")  # an infinite student must not reach kept teacher fragments
+    keep_prob = 45875 / 65536 + 1e-12  # rounds to 45875 / 65536 in float32, the precision masks compare in
+    sm = Smoother(student, fast, rule=rule, keep_prob=keep_prob, momentum=0.9, granularity=granularity, seed=4)
+    for step in range(3):
+        sm.step()
+        updated = per_tensor_step(list(ref.parameters()), list(student.parameters()), rule, keep_prob, 0.9,
+                                  granularity, philox.step_key(4, step))
+        assert sm.stats()["updated_fraction"] == updated / sm._plan.n_frag
+        for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+            assert torch.equal(bits(a), bits(b)), (step, name)
+            assert a.stride() == b.stride()
+
+
+@pytest.mark.parametrize("granularity", ["channel", "element"])
+@pytest.mark.parametrize("rule", ["se", "sts"])
+def test_torch_path_runs_a_fixed_number_of_ops_whatever_the_tensor_count(rule, granularity):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n_layers in (2, 20):
+        student = nn.Sequential(*[nn.Linear(8, 8) for _ in range(n_layers)])
+        sm = Smoother(student, make_teacher(student), rule=rule, granularity=granularity)
+        sm.step()  # builds the flat buffers
+        with CountOps() as mode:
+            sm.step()
+        counts.append(mode.ops)
+    assert counts[0] == counts[1]
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: dict) -> None:

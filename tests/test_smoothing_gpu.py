@@ -51,3 +51,16 @@ def test_triton_rebuilds_after_tensors_move():
     sm.step()
     for x, y in zip(teacher.parameters(), student.parameters()):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("rule", ["se", "sts"])
+@pytest.mark.parametrize("granularity", ["channel", "element"])
+def test_torch_path_steps_without_a_host_sync(rule, granularity):
+    student = _net(torch.float32)
+    sm = Smoother(student, make_teacher(student), rule=rule, granularity=granularity, kernel="torch")
+    sm.step()  # the first step builds the flat buffers and copies their tables to the device
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sm.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
