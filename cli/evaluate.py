@@ -1,12 +1,12 @@
 """`fastse eval-linear` and `fastse knn`: evaluate a frozen backbone (a fastse run folder, a
 `backbone.safetensors`, or a torchvision ResNet state dict). Results go to the console, to `eval.json`
-(one entry per protocol, merged into an existing file) in the run folder or next to the file given,
+in the run folder or next to the file given (every result kept with what it measured: `fastse.results`),
 and to wandb.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,9 +14,15 @@ from typing import Any
 
 import click
 
-from fastse.atomic import write_atomic
+from fastse.results import add_result, is_headline, qualifiers
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # fastse.models.resnet.ARCHS (no torch import for --help)
+
+
+class NotSaved(click.ClickException):
+    """A result computed and printed but not saved (a read-only folder): exit 2, as for a user's mistake."""
+
+    exit_code = 2
 
 
 def _common(fn):
@@ -69,7 +75,7 @@ def eval_linear(protocol: str, epochs: int | None, batch_size: int | None, lr: f
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:
-        backbone, data, device, folder = _setup({**common, "device": str(env.device)})
+        backbone, data, device, folder = _setup({**common, "device": str(env.device)}, own=env.is_main)
         try:
             proto = get_protocol(protocol, small=data.small, epochs=epochs, batch_size=batch_size, lr=lr,
                                  copies=copies)
@@ -105,8 +111,9 @@ def knn(k: int, temperature: float, batch_size: int, **common: Any) -> None:
     """Weighted kNN classification (cosine similarity) of the test split by the train split's features."""
     from fastse.eval.knn import knn_eval
 
-    if k < 1 or not temperature > 0 or batch_size < 1:
-        raise click.UsageError(f"--k={k} and --batch-size={batch_size} must be >= 1, --temperature={temperature} > 0")
+    if k < 1 or not 0 < temperature < math.inf or batch_size < 1:
+        raise click.UsageError(f"--k={k} and --batch-size={batch_size} must be >= 1, --temperature={temperature} "
+                               "a finite number > 0")
     backbone, data, device, folder = _setup(common)
     started = time.perf_counter()
     try:
@@ -134,8 +141,9 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _setup(common: dict[str, Any]):
-    """(backbone, EvalData, device, folder for eval.json); bad input -> UsageError (exit 2)."""
+def _setup(common: dict[str, Any], own: bool = True):
+    """(backbone, EvalData, device, folder for eval.json), the folder owned (`own`) until the command ends;
+    bad input -> UsageError (exit 2)."""
     import torch
 
     from fastse.checkpoints import CheckpointError
@@ -150,6 +158,9 @@ def _setup(common: dict[str, Any]):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.UsageError(f"--device {device}: CUDA is not available")
     path = Path(common["checkpoint"]).expanduser()
+    folder = path if path.is_dir() else path.parent
+    if own:
+        _own(folder)
     try:
         backbone = load_backbone_for_eval(path, which=common["which"], arch=common["arch"],
                                           cifar_stem=common["cifar_stem"])
@@ -157,7 +168,22 @@ def _setup(common: dict[str, Any]):
                          cache_dir=common["cache_dir"])
     except (CheckpointError, ValueError, ImportError, OSError) as e:  # DataError is a ValueError
         raise click.UsageError(str(e)) from None
-    return backbone, data, torch.device(device), path if path.is_dir() else path.parent
+    return backbone, data, torch.device(device), folder
+
+
+def _own(folder: Path) -> None:
+    """Own `folder`, where eval.json goes, until the command ends: UsageError (exit 2) while another
+    process (a training run, an evaluation) owns it. A folder that cannot be written is evaluated all the
+    same: `_report` prints the result, then says where it could not be saved."""
+    from fastse.runlock import FolderInUse, RunLock
+
+    try:
+        lock = RunLock(folder)
+    except FolderInUse as e:
+        raise click.UsageError(str(e)) from None
+    except OSError:  # read-only, or missing (then the checkpoint is named as missing)
+        return
+    click.get_current_context().with_resource(lock)
 
 
 def _runlog(folder: Path, name: str, common: dict[str, Any], settings: dict[str, Any], enabled: bool = True):
@@ -165,30 +191,26 @@ def _runlog(folder: Path, name: str, common: dict[str, Any], settings: dict[str,
     from fastse.engine.logging import RunLog, wandb_mode
 
     on = enabled and wandb_mode(common["wandb"]) != "disabled"
-    return RunLog(folder / "eval" / name, {**common, **settings, "eval": name}, wandb=common["wandb"],
-                  project=common["wandb_project"], enabled=on)
+    try:
+        return RunLog(folder / "eval" / name, {**common, **settings, "eval": name}, wandb=common["wandb"],
+                      project=common["wandb_project"], enabled=on)
+    except OSError as e:  # a read-only folder: evaluate all the same
+        click.echo(f"warning: {folder / 'eval' / name} cannot be written ({e.strerror or e}): no metrics log",
+                   err=True)
+        return RunLog(folder, {}, enabled=False)
 
 
 def _report(folder: Path, key: str, result: dict[str, Any], common: dict[str, Any]) -> None:
     entry = {**result, "which": common["which"], "checkpoint": str(common["checkpoint"]), "data": str(common["data"]),
              "limit": common["limit"], "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    path = write_eval_json(folder, key, entry)
-    click.echo(f"{key}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
-               f"({result['seconds']:.1f} s) -> {path}")
-
-
-def write_eval_json(folder: str | Path, key: str, entry: dict[str, Any]) -> Path:
-    """Set `key` in folder/eval.json to `entry` (other keys kept), atomically."""
-    path = Path(folder) / "eval.json"
-    data = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            data = {}
-        data = data if isinstance(data, dict) else {}
-    data[key] = entry
-    return write_atomic(path, json.dumps(data, indent=1) + "\n")
+    line = f"{key}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% ({result['seconds']:.1f} s)"
+    try:
+        path = add_result(folder, key, entry)
+    except OSError as e:  # a read-only folder: the result, then where it could not be saved
+        click.echo(line)
+        raise NotSaved(f"{folder / 'eval.json'}: the result could not be saved there ({e.strerror or e})") from None
+    aside = "" if is_headline(entry) else f" ({qualifiers(entry)}: kept; the report tables the teacher's on all data)"
+    click.echo(f"{line} -> {path}{aside}")
 
 
 def _as_flags(message: str) -> str:

@@ -26,8 +26,10 @@ def data() -> None:
 @click.option("--split", default=None, help="Check PATH/SPLIT (e.g. train) instead of PATH.")
 @click.option("--deep", is_flag=True, help="Decode every image (slow) instead of reading headers and end markers.")
 def data_check(path: str, split: str | None, deep: bool) -> None:
-    """Validate a class-folder tree (or an archive of one, or cifar10/cifar100) and say what it holds."""
+    """Validate a class-folder tree (or an archive of one, or cifar10/cifar100) and say what it holds: its
+    images, the folder links not followed, and the image sizes with what the size rule makes of them."""
     from fastse.pipelines.datasets import DataError, resolve_data, scan_image_folder
+    from fastse.pipelines.sizes import image_sizes
 
     try:
         root = resolve_data(path)
@@ -37,6 +39,9 @@ def data_check(path: str, split: str | None, deep: bool) -> None:
             index = scan_image_folder(root, split=name, deep=deep, classes=classes)
             classes = classes or index.classes
             click.echo(f"{name or '.'}: {index.summary()}")
+            for link, why in index.unfollowed:
+                click.echo(f"  {link}: {why}")
+            click.echo("  " + image_sizes(index).describe().replace("\n", "\n  "))
     except DataError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

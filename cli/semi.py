@@ -26,7 +26,8 @@ def _choice(name: str) -> click.Choice:
 @click.command("semi")
 @click.option("--preset", type=click.Choice(PRESET_NAMES),
               help="FixMatch's CIFAR recipe (the default is fixmatch-cifar10's); other flags override it.")
-@click.option("--data", help="Class-folder tree with train/ and test/ (or val/), an archive of one, or cifar10/100.")
+@click.option("--data", help="Class-folder tree with train/ and test/ (or val/), an archive of one, or cifar10/100 "
+              "[default with --resume: the run's].")
 @click.option("--dataset", type=_choice("dataset"), help="Use its published mean/std (and download it if no --data).")
 @click.option("--num-labels", type=int, help="Labeled training images, as many of each class [default: 4000].")
 @click.option("--split-seed", type=int, help="Seed of the labeled split [default: --seed].")

@@ -51,9 +51,7 @@ def run_training(make_config: Callable[[dict[str, Any]], Any], make_trainer: Cal
 
     given = {k: v for k, v in flags.items() if v is not None}
     try:
-        config = make_config(given)
-        config.validate()
-        trainer = make_trainer(config, resume)
+        trainer = make_trainer(make_config(given), resume)  # the trainer validates the config first
     except (ValueError, ImportError) as e:
         raise click.UsageError(as_flags(str(e), flags)) from None
     try:

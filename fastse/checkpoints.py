@@ -10,7 +10,8 @@ a torn or corrupt one. One process writes a run folder (rank 0 under DDP). `chec
 before training starts, whether the run folder can be written and has room for a checkpoint.
 
 Also: flat tensor encodings of optimizer and RNG states (safetensors holds tensors only, and nothing
-here unpickles), and `backbone.safetensors`, the export that loads into a plain torchvision ResNet.
+here unpickles), and `backbone.safetensors`, the export that loads into a plain torchvision ResNet,
+with the sha256 of its tensor data in its header, verified on loading.
 """
 
 from __future__ import annotations
@@ -381,7 +382,9 @@ def _resnet_arch(net: nn.Module) -> tuple[str, bool]:
 def export_backbone(path: str | Path, backbone: nn.Module) -> Path:
     """Write `backbone`'s state_dict (torchvision names; DDP/compile wrappers removed) as
     `backbone.safetensors` in the folder `path` (or to `path` itself if it ends in .safetensors),
-    atomically, with header metadata {"format", "arch", "cifar_stem", "feature_dim"}.
+    atomically, with header metadata {"format", "arch", "cifar_stem", "feature_dim", "fastse_version",
+    "sha256"}: "sha256" is that of the tensor data (the bytes after the header), which `load_backbone`
+    checks.
 
     Loading: `torchvision.models.<arch>()` then `load_state_dict(load_file(file), strict=False)`
     (only fc.weight / fc.bias missing; set `fc = nn.Identity()` for features). A CIFAR-stem export
@@ -396,7 +399,9 @@ def export_backbone(path: str | Path, backbone: nn.Module) -> Path:
     file.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": BACKBONE_FORMAT, "arch": arch, "cifar_stem": str(cifar_stem).lower(),
             "feature_dim": str(getattr(net, "feature_dim", "")), "fastse_version": fastse.__version__}
-    data = st_save(_cpu_tensors("backbone", net.state_dict()), metadata=meta)
+    tensors = _cpu_tensors("backbone", net.state_dict())
+    meta["sha256"] = _tensor_data_sha256(st_save(tensors, metadata=meta))
+    data = st_save(tensors, metadata=meta)  # the same tensor data after a longer header
     tmp = file.with_name(f".{file.name}.{os.getpid()}-{secrets.token_hex(4)}")
     try:
         _write_synced(tmp, data)
@@ -407,8 +412,15 @@ def export_backbone(path: str | Path, backbone: nn.Module) -> Path:
     return file
 
 
+def _tensor_data_sha256(data: bytes) -> str:
+    """The sha256 of a safetensors file's tensor data: the bytes after its 8-byte length and JSON header."""
+    return hashlib.sha256(memoryview(data)[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
+
 def load_backbone(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The ResNet backbone (fc = Identity, eval mode, on `device`) saved by `export_backbone`."""
+    """The ResNet backbone (fc = Identity, eval mode, on `device`) saved by `export_backbone`; CheckpointError
+    where the tensor data does not match the sha256 in its header (a damaged file). An export without one
+    (written before fastse checked them) loads with a warning."""
     from fastse.models import resnet_backbone
 
     path = Path(path)
@@ -422,7 +434,11 @@ def load_backbone(path: str | Path, *, device: str | torch.device = "cpu") -> nn
         raise CheckpointError(f"{file}: not a safetensors file ({e})") from None
     if meta.get("format") != BACKBONE_FORMAT:
         raise CheckpointError(f"{file}: not a {BACKBONE_FORMAT} export (format {meta.get('format')!r})")
+    data = file.read_bytes()
+    if "sha256" not in meta:
+        log.warning("%s: no checksum (exported before fastse checked backbones): loaded unverified", file)
+    elif _tensor_data_sha256(data) != meta["sha256"]:
+        raise CheckpointError(f"{file}: sha256 of its tensors does not match its header (the file is corrupt)")
     net = resnet_backbone(meta["arch"], cifar_stem=meta["cifar_stem"] == "true")
-    with safe_open(file, "pt") as f:
-        net.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    net.load_state_dict(st_load(data))
     return net.to(device).eval()

@@ -9,6 +9,7 @@ with the global batch (`scaled_lr`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 AUGMENTATIONS = ("byol", "mocov2", "simclr")  # = fastse.pipelines.recipes.AUGMENTATIONS (a test checks)
 DATASETS = ("cifar10", "cifar100", "imagenet")
+# px: a larger crop is a typo (256 two-view crops at 4096 px are 96 GiB of fp32 input alone)
+MAX_IMAGE_SIZE = 4096
 
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # BYOL (Grill et al. 2020) with STS (Huang et al. 2021): projector 4096-256, predictor 4096-256
@@ -123,6 +126,9 @@ class PretrainConfig:
 
     def validate(self, world_size: int = 1) -> PretrainConfig:
         """Raise ValueError with one clear line for an impossible setting; return self."""
+        require_finite(self)
+        if not str(self.out).strip():
+            raise ValueError("out='' names no folder: give the run folder")
         _choice("method", self.method, METHODS)
         _choice("arch", self.arch, ARCHS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -166,8 +172,8 @@ class PretrainConfig:
             raise ValueError(f"time_limit={self.time_limit} must be > 0 (minutes)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit} must be >= 1")
-        if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"image_size={self.image_size} px is too small (at least 8)")
+        if self.image_size is not None and not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size={self.image_size} px is outside [8, {MAX_IMAGE_SIZE}]")
         if self.batch_size % world_size:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by the {world_size} processes")
         if self.method == "byol" and self.pred_hidden_dim < 1:
@@ -178,6 +184,15 @@ class PretrainConfig:
             if self.queue_size < self.batch_size:
                 raise ValueError(f"queue_size={self.queue_size} must hold at least one batch ({self.batch_size} keys)")
         return self
+
+
+def require_finite(settings: Any) -> None:
+    """Raise ValueError naming the first float field of the dataclass `settings` that is NaN or infinite
+    (click's float flags take "nan" and "inf")."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}={value} must be a finite number")
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -8,8 +8,10 @@ the table, one line of the plot (mean across seeds, shaded from the lowest to th
 are labelled by what differs between the groups of a table, e.g. `ema` vs `sts p=0.7 tensor`.
 
 Pretraining tables (one per method) give the teacher's kNN top-1 at the last step and the top-1 of every
-eval.json protocol; FixMatch tables the smoothed model's (teacher's) test top-1, the median of its last
-20 evaluations (FixMatch's figure) and the last one, and the student's median. Accuracies are in %.
+eval.json kind, its headline result (`fastse.results`: the newest of the teacher on all the data; the
+run's other results, of the student or of a --limit subset, are listed with the run, marked); FixMatch
+tables the smoothed model's (teacher's) test top-1, the median of its last 20 evaluations (FixMatch's
+figure) and the last one, and the student's median. Accuracies are in %.
 Rows of another teacher rule compare their main figure with the EMA row of the same settings (difference
 ± standard error, inside or beyond the noise) and say what the paper claims and whether the row agrees.
 Nothing here imports torch; matplotlib is imported (Agg, no pyplot) only to draw the plots.
@@ -25,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fastse.results import headlines, is_headline, qualifiers, read_results
 
 MEDIAN_OF = 20  # FixMatch reports the median of the last 20 evaluations
 TEACHER = ("smoothing", "keep_prob", "granularity")
@@ -45,7 +49,7 @@ SHARED = {
 CLAIMS = {"sts": "above EMA", "se": "level with EMA"}
 CLAIMED_FIGURES = {("sts", "byol"): " (+0.9 ImageNet linear)", ("sts", "fixmatch"): " (~+6, few labels)"}
 METHOD_NAMES = {"byol": "BYOL pretraining", "mocov2": "MoCo v2 pretraining", "fixmatch": "FixMatch"}
-EVAL_NAMES = {"knn": "kNN top-1 (fastse knn)"}  # other eval.json keys are linear protocols
+EVAL_NAMES = {"knn": "kNN top-1 (fastse knn)"}  # other eval.json kinds are linear protocols
 
 
 class ReportError(ValueError):
@@ -57,14 +61,20 @@ class ReportError(ValueError):
 
 @dataclass
 class Run:
-    """One run folder: its config, metrics lines (in file order), eval.json and recorded starts."""
+    """One run folder: its config, metrics lines (in file order), eval.json results (oldest first) and
+    recorded starts."""
 
     path: Path
     config: dict[str, Any]
     lines: list[dict[str, Any]]
-    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    results: list[dict[str, Any]] = field(default_factory=list)
     starts: list[dict[str, Any]] = field(default_factory=list)
     unreadable: int = 0  # metrics lines cut short by a crash
+
+    @property
+    def evals(self) -> dict[str, dict[str, Any]]:
+        """eval.json kind -> its headline result (the teacher's on all the data), the one the tables show."""
+        return headlines(self.results)
 
     @property
     def kind(self) -> str:
@@ -164,8 +174,7 @@ def load_run(path: str | Path) -> Run:
             continue
         if isinstance(line, dict) and isinstance(line.get("step"), int):
             lines.append(line)
-    evals = _json(path / "eval.json") or {}
-    return Run(path, config, lines, evals if isinstance(evals, dict) else {}, starts, unreadable)
+    return Run(path, config, lines, read_results(path), starts, unreadable)
 
 
 def _json(path: Path) -> Any:
@@ -246,8 +255,7 @@ class Table:
             return [("teacher_median", f"teacher top-1 {median}"), ("teacher_last", "teacher top-1 (last)"),
                     ("student_median", f"student top-1 {median}")]
         evals = sorted({k for g in self.groups for r in g.runs for k in r.values() if k.startswith("eval:")})
-        return [("knn_top1", "kNN top-1")] + [
-            (k, EVAL_NAMES.get(k[5:], f"linear {k[5:]} top-1")) for k in evals]
+        return [("knn_top1", "kNN top-1")] + [(k, eval_name(k[5:])) for k in evals]
 
     def baseline(self, group: Group) -> Group | None:
         """The EMA group with the same settings as `group` but the teacher rule (None for EMA rows)."""
@@ -265,6 +273,11 @@ class Table:
             if len(values) == 1 and (v := self.groups[0].config.get(name)) is not None:
                 out[name] = v
         return out
+
+
+def eval_name(kind: str) -> str:
+    """The column header of an eval.json kind: `kNN top-1 (fastse knn)`, `linear fast top-1`."""
+    return EVAL_NAMES.get(kind, f"linear {kind} top-1")
 
 
 def _key(config: dict[str, Any]) -> tuple:
@@ -419,6 +432,8 @@ def markdown(tables: list[Table], title: str, images: dict[str, str] | None = No
                 done, planned = r.progress
                 notes = [f"{_num(done)} of {_num(planned)} {unit}"] * (not r.finished)
                 notes += [f"{r.unreadable} unreadable metrics line(s)"] * bool(r.unreadable)
+                notes += [f"not in the table: {eval_name(e['kind'])} {e['top1']:.2f} ({qualifiers(e)})"
+                          for e in r.results if not is_headline(e) and isinstance(e.get("top1"), (int, float))]
                 cmd = command_line(r)
                 out.append(f"- `{r.path}` ({g.label}, seed {r.seed}): {figures or 'no figures yet'}"
                            + "".join(f"; {x}" for x in notes)
@@ -474,10 +489,16 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, *, title: str 
         runs.append(load_run(d))
     if not runs:
         raise ReportError("no run folders given")
+    if not str(out).strip():
+        raise ReportError("--out='' names no folder: give the folder for report.md")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(runs)
-    images = {t.slug: plot(t, out / f"{t.slug}.png").name for t in tables}
-    text = markdown(tables, title, images)
-    (out / "report.md").write_text(text + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        images = {t.slug: plot(t, out / f"{t.slug}.png").name for t in tables}
+        text = markdown(tables, title, images)
+        (out / "report.md").write_text(text + "\n")
+    except OSError as e:
+        what = "a file, not a folder" if out.is_file() else f"a folder that cannot be written ({e.strerror or e})"
+        raise ReportError(f"{out}: --out is {what}") from None
     return out / "report.md", text

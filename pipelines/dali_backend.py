@@ -1,20 +1,27 @@
 """DALI graphs for the recipes: image files in, normalized views on the training device out.
 
 One builder walks a `recipes.View` and emits DALI operators, so every recipe is a declarative
-`@pipeline_def` graph. Files are read through `fn.external_source` in the order that
-`sampler.epoch_indices` gives (a full reshuffle every epoch, each rank its shard), decoded by
-nvJPEG (`device="mixed"`) on a GPU or libjpeg-turbo in DALI's CPU mode (`device_id=None`).
+`@pipeline_def` graph with no random operator in it: every random decision (crop window, coins,
+factors, shifts, RandAugment's ops and magnitudes) is drawn on the host by `decisions.draw_batch`
+from (seed, rank, epoch, batch) and fed beside the files, one float32 row per sample and view. So
+one pipeline, built once, serves a whole run: any batch of any epoch can be fed next, epochs follow
+each other without a rebuild, and a resumed run gets exactly the batches it would have had. Files
+are fed through `fn.external_source` in the order that `sampler.epoch_indices` gives (a full
+reshuffle every epoch, each rank its shard), decoded by nvJPEG (`device="mixed"`: the hardware
+JPEG decoder where the GPU has one, A100/H100/H200, and CUDA elsewhere) on a GPU or libjpeg-turbo
+in DALI's CPU mode (`device_id=None`).
 
 How each op is expressed (images stay uint8 HWC until the final `crop_mirror_normalize`):
-- random_resized_crop: `fn.decoders.image_random_crop` (fused decode + crop window, then
-  `fn.resize`) for a single view; for several views one `fn.decoders.image` feeds a
-  `fn.random_resized_crop` per view (one decode per source image).
+- random_resized_crop: the window (torchvision's algorithm, on the host, from the sizes in the
+  files' headers) as a relative ROI: `fn.decoders.image_slice` (decodes just that region) then
+  `fn.resize` for a single view; for several views one `fn.decoders.image` feeds a `fn.resize`
+  with the view's ROI (one decode per source image).
 - resize_center_crop: `fn.resize(resize_shorter=...)` then `fn.crop`.
-- hflip: a per-sample coin; folded into `crop_mirror_normalize(mirror=...)` when every later op
+- hflip: a per-sample 0/1; folded into `crop_mirror_normalize(mirror=...)` when every later op
   of the view commutes with a horizontal flip (colour ops, blur, solarize), else `fn.flip`.
 - translate: reflect padding built from flipped edge slices + `fn.cat`, then an integer crop
   offset per sample with `fn.slice` (DALI's padding policies have no reflect mode).
-- color_jitter (p gate), grayscale, solarize: the gate is folded into the parameters
+- color_jitter (p gate), grayscale, solarize: the gate is folded into the parameters on the host
   (factor 1 / saturation 1 / threshold above 255 when off), so no branch is needed. Brightness
   is `fn.brightness`, contrast blends with the mean of the grey image as torchvision does
   (arithmetic on the image, since a GPU-computed centre cannot be an operator argument),
@@ -26,9 +33,9 @@ How each op is expressed (images stay uint8 HWC until the final `crop_mirror_nor
   (`enable_conditionals=True`), so only the selected samples are blurred.
 - randaugment: DALI's `auto_aug.rand_augment` cannot express FixMatch's variant (it uses one
   fixed magnitude bin and applies every drawn op), so it is built here from DALI ops: per
-  slot an op index uniform over the pool (with replacement) and a p=0.5 coin; a conditional
-  binary split routes each sample to its op, which draws its own magnitude uniformly from
-  `recipes.RANDAUGMENT_RANGES`. Geometric ops fill with grey (128); rotate turns about the centre,
+  slot the host draws an op index uniform over the pool (with replacement), a p=0.5 gate and a
+  magnitude uniform in the op's `recipes.RANDAUGMENT_RANGES`; a conditional binary split routes
+  each sample to its op. Geometric ops fill with grey (128); rotate turns about the centre,
   shear and translate act about the top-left corner (PIL's affine, as FixMatch's code).
   Deviations from PIL: `fn.equalize` follows OpenCV's LUT formula; sharpness reflects at the
   1 px border where PIL keeps the original pixels.
@@ -41,16 +48,20 @@ How each op is expressed (images stay uint8 HWC until the final `crop_mirror_nor
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .recipes import RANDAUGMENT_RANGES, Op, Recipe
-from .sampler import epoch_indices, rank_seed
+from .decisions import batch_rng, draw_batch, view_keys
+from .headers import decoded_shape
+from .recipes import Op, Recipe
+from .sampler import epoch_indices
 
 if TYPE_CHECKING:
     from .datasets import ImageFolderIndex
@@ -89,14 +100,21 @@ def require_dali() -> None:
 
 
 class _Graph:
-    """Emits the DALI ops of one recipe, view by view; `params` collects each view's per-sample
-    decisions (name -> float32 scalar node) for the debug outputs."""
+    """Emits the DALI ops of one recipe, view by view. Each view's host-drawn decisions arrive as one
+    float32 vector per sample (`decisions.view_keys` order) from the external source `decisions{i}`;
+    `value(key)` is that sample's scalar."""
 
-    def __init__(self, recipe: Recipe, *, gpu: bool, fused_decode: bool, out_dtype: str, layout: str):
+    def __init__(self, recipe: Recipe, *, gpu: bool, fused_decode: bool, out_dtype: str, layout: str,
+                 decoder_options: dict):
         self.recipe, self.gpu, self.fused = recipe, gpu, fused_decode
         self.size, self.out_dtype, self.layout = recipe.size, getattr(types, out_dtype), layout
         self.decoder = "mixed" if gpu else "cpu"
-        self.params: list[dict[str, object]] = []
+        self.decoder_options = decoder_options if gpu else {}
+        self.table, self.keys = None, ()
+
+    def value(self, key: str):
+        """This view's decision `key` for each sample: a float32 scalar on the CPU."""
+        return self.table[self.keys.index(key)]
 
     def dev(self, node):
         """A CPU per-sample value moved next to the images (GPU arithmetic takes GPU operands)."""
@@ -106,21 +124,20 @@ class _Graph:
         """A constant tensor on the images' device."""
         return types.Constant(array, device="gpu" if self.gpu else "cpu")
 
-    def record(self, name: str, node) -> None:
-        self.params[-1][name] = fn.cast(node, dtype=types.FLOAT)
-
     def views(self, jpegs) -> list:
         """One normalized output per view. Views that start with a random crop fuse it into their own
         decode when `fused`; the others share one full decode of each file."""
         decoded, outs = None, []
-        for view in self.recipe.views:
-            self.params.append({})
+        for i, view in enumerate(self.recipe.views):
+            self.keys = view_keys(view)
+            self.table = fn.external_source(name=f"decisions{i}", dtype=types.FLOAT, ndim=1) if self.keys else None
             ops = view.ops
             if self.fused and ops and ops[0].name == "random_resized_crop":
                 x, ops = self.fused_crop(jpegs, ops[0]), ops[1:]
             else:
                 if decoded is None:
-                    decoded = fn.decoders.image(jpegs, device=self.decoder, output_type=types.RGB)
+                    decoded = fn.decoders.image(jpegs, device=self.decoder, output_type=types.RGB,
+                                                **self.decoder_options)
                 x = decoded
             outs.append(self.view(x, ops))
         return outs
@@ -131,8 +148,7 @@ class _Graph:
             if op.name != "hflip":
                 x = getattr(self, op.name)(x, op)
                 continue
-            coin = fn.random.coin_flip(probability=op.p, dtype=types.INT32)
-            self.record("hflip", coin)
+            coin = fn.cast(self.value("hflip"), dtype=types.INT32)
             if all(later.name in _FLIP_COMMUTES for later in ops[i + 1 :]):
                 mirror = coin  # done by crop_mirror_normalize: exact, since the later ops commute
             else:
@@ -145,21 +161,22 @@ class _Graph:
 
     # -------------------------------------------------------------------- geometry
 
+    def window(self):
+        """The crop window's (y0, x0) and (y1, x1), fractions of the decoded image's height and width."""
+        return (fn.stack(self.value("crop_y0"), self.value("crop_x0")),
+                fn.stack(self.value("crop_y1"), self.value("crop_x1")))
+
     def fused_crop(self, jpegs, op: Op):
-        """RandomResizedCrop with the window drawn by the decoder (which decodes just that region where it can)."""
-        p = op.params
-        x = fn.decoders.image_random_crop(
-            jpegs, device=self.decoder, output_type=types.RGB, random_area=list(p["scale"]),
-            random_aspect_ratio=list(p["ratio"]), num_attempts=10,
-        )
-        return fn.resize(x, size=[p["size"]] * 2, antialias=True)
+        """RandomResizedCrop decoding just the window (where the decoder can), then resizing it."""
+        start, end = self.window()
+        x = fn.decoders.image_slice(jpegs, rel_start=start, rel_end=end, axis_names="HW", device=self.decoder,
+                                    output_type=types.RGB, **self.decoder_options)
+        return fn.resize(x, size=[op.params["size"]] * 2, antialias=True)
 
     def random_resized_crop(self, x, op: Op):
-        p = op.params
-        return fn.random_resized_crop(
-            x, size=[p["size"]] * 2, random_area=list(p["scale"]), random_aspect_ratio=list(p["ratio"]),
-            num_attempts=10, antialias=True,
-        )
+        start, end = self.window()
+        return fn.resize(x, size=[op.params["size"]] * 2, roi_start=start, roi_end=end, roi_relative=True,
+                         antialias=True)
 
     def resize_center_crop(self, x, op: Op):
         x = fn.resize(x, resize_shorter=op.params["resize"], antialias=True)
@@ -173,20 +190,13 @@ class _Graph:
             fn.flip(x[1 : pad + 1], vertical=1, horizontal=0), x,
             fn.flip(x[-pad - 1 : -1], vertical=1, horizontal=0), axis_name="H",
         )
-        dy, dx = (fn.random.uniform(values=list(range(2 * pad + 1)), dtype=types.INT32) for _ in "yx")
-        self.record("translate_y", dy - pad)
-        self.record("translate_x", dx - pad)
+        dy, dx = (fn.cast(self.value(f"translate_{axis}") + pad, dtype=types.INT32) for axis in "yx")
         return fn.slice(x, start=fn.stack(dy, dx), shape=[size, size], axis_names="HW")
 
     # -------------------------------------------------------------------- colour
 
     def color_jitter(self, x, op: Op):
-        p = op.params
-        on = _coin(op.p, types.FLOAT)
-        b, c, s = (1 + on * (_uniform((1 - p[k], 1 + p[k])) - 1) for k in ("brightness", "contrast", "saturation"))
-        h = on * _uniform((-p["hue"], p["hue"]))  # identity factors where the p-coin is off
-        for name, node in (("color_jitter", on), ("brightness", b), ("contrast", c), ("saturation", s), ("hue", h)):
-            self.record(name, node)
+        b, c, s, h = (self.value(k) for k in ("brightness", "contrast", "saturation", "hue"))  # identity where off
         x = fn.brightness(x, brightness=b)
         x = self.contrast(x, c)
         return fn.hsv(x, saturation=s, hue=360 * h)  # saturation and hue commute in YIQ
@@ -198,57 +208,46 @@ class _Graph:
         return fn.cast(centre + (x - centre) * self.dev(factor), dtype=types.UINT8)
 
     def grayscale(self, x, op: Op):
-        on = _coin(op.p, types.FLOAT)
-        self.record("grayscale", on)
-        return fn.saturation(x, saturation=1 - on)
+        return fn.saturation(x, saturation=1 - self.value("grayscale"))
 
     def gaussian_blur(self, x, op: Op):
-        lo, hi = op.params["sigma"]
         window = int(op.params["kernel_frac"] * self.size) // 2 * 2 + 1  # odd; 23 at 224 px as in BYOL
-        sigma = fn.random.uniform(range=[lo, hi])
+        sigma = self.value("blur_sigma")
         if op.p >= 1:
             return fn.gaussian_blur(x, sigma=sigma, window_size=window)
-        on = fn.random.coin_flip(probability=op.p, dtype=types.BOOL)
-        self.record("gaussian_blur", on)
-        if on:
+        if self.value("gaussian_blur") > 0.5:
             x = fn.gaussian_blur(x, sigma=sigma, window_size=window)
         return x
 
     def solarize(self, x, op: Op):
-        on = _coin(op.p, types.FLOAT)
-        self.record("solarize", on)
-        # off: a threshold above 255 inverts nothing
-        return _solarize(x, self.dev(256 - on * (256 - 255 * op.params["threshold"])))
+        return _solarize(x, self.dev(self.value("solarize_threshold")))  # off: 256, which inverts nothing
 
     # -------------------------------------------------------------------- FixMatch strong
 
     def randaugment(self, x, op: Op):
         pool = list(op.params["pool"])
         for slot in range(op.params["n"]):
-            which = fn.random.uniform(values=list(range(len(pool))), dtype=types.INT32)
-            on = fn.random.coin_flip(probability=op.params["op_p"], dtype=types.BOOL)
-            self.record(f"randaugment{slot}", (which + 1) * on - 1)  # -1 where the slot is skipped
-            if on:
-                x = self.select(x, which, pool, 0, len(pool) - 1)
+            which = fn.cast(self.value(f"randaugment{slot}"), dtype=types.INT32)  # -1: the slot is skipped
+            magnitude = self.value(f"randaugment{slot}_magnitude")
+            if which >= 0:
+                x = self.select(x, which, magnitude, pool, 0, len(pool) - 1)
         return x
 
-    def select(self, x, which, pool: list[str], lo: int, hi: int):
+    def select(self, x, which, magnitude, pool: list[str], lo: int, hi: int):
         """Routes each sample to pool[which] by a binary split of conditionals (log2 depth)."""
-        if lo == hi:  # the magnitude is drawn inside the branch: one per op and sample
-            return _RA[pool[lo]](self, x, RANDAUGMENT_RANGES[pool[lo]])
+        if lo == hi:
+            return _RA[pool[lo]](self, x, magnitude)
         mid = (lo + hi) // 2
         if which <= mid:
-            x = self.select(x, which, pool, lo, mid)
+            x = self.select(x, which, magnitude, pool, lo, mid)
         else:
-            x = self.select(x, which, pool, mid + 1, hi)
+            x = self.select(x, which, magnitude, pool, mid + 1, hi)
         return x
 
     def cutout(self, x, op: Op):
         side = float(round(op.params["size_frac"] * self.size))
         # integer centre uniform over the pixels, region [c - side/2, c + side/2) clipped (FixMatch's cutout)
-        cy, cx = (fn.random.uniform(values=list(range(self.size)), dtype=types.FLOAT) for _ in "yx")
-        self.record("cutout_y", cy)
-        self.record("cutout_x", cx)
+        cy, cx = self.value("cutout_y"), self.value("cutout_x")
         return fn.erase(
             x, anchor=fn.stack(cy, cx), shape=[side, side], centered_anchor=True, axis_names="HW",
             fill_value=GREY,
@@ -261,18 +260,6 @@ def _solarize(x, threshold):
     return fn.cast(x + inverted * (255 - 2 * fn.cast(x, dtype=types.INT16)), dtype=types.UINT8)
 
 
-def _coin(p: float, dtype):
-    """A per-sample Bernoulli(p) draw of `dtype` (coin_flip itself makes only bool/uint8/int32)."""
-    coin = fn.random.coin_flip(probability=p, dtype=types.BOOL)
-    return coin if dtype == types.BOOL else fn.cast(coin, dtype=dtype)
-
-
-def _uniform(rng: tuple[float, float]):
-    """A per-sample uniform draw from the closed range (a plain float where the range is a point)."""
-    lo, hi = rng
-    return float(lo) if lo == hi else fn.random.uniform(range=[lo, hi])
-
-
 def _autocontrast(g: _Graph, x, _):
     """Stretch each channel to [0, 255] (PIL ImageOps.autocontrast, cutoff 0); flat channels stay."""
     lo = fn.reductions.min(x, axis_names="HW", keep_dims=True)
@@ -282,27 +269,25 @@ def _autocontrast(g: _Graph, x, _):
     return fn.cast((x - lo * spread) * scale, dtype=types.UINT8)
 
 
-def _sharpness(g: _Graph, x, rng):
-    """PIL ImageEnhance.Sharpness: blend with PIL's 3x3 smoothing filter by factor f, as one kernel."""
+def _sharpness(g: _Graph, x, factor):
+    """PIL ImageEnhance.Sharpness: blend with PIL's 3x3 smoothing filter by `factor`, as one kernel."""
     smooth = np.float32([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
     ident = np.float32([[0, 0, 0], [0, 1, 0], [0, 0, 0]])
-    kernel = types.Constant(smooth) + _uniform(rng) * types.Constant(ident - smooth)
+    kernel = types.Constant(smooth) + factor * types.Constant(ident - smooth)
     return fn.filter(x, g.dev(kernel))
 
 
-def _posterize(g: _Graph, x, rng):
-    """Keep the top `bits` bits, bits uniform over the integers of the range (4..8)."""
-    bits = fn.random.uniform(values=list(range(int(rng[0]), int(rng[1]) + 1)), dtype=types.INT32)
+def _posterize(g: _Graph, x, bits):
+    """Keep the top `bits` bits (an integer-valued magnitude, 4..8)."""
     masks = types.Constant(np.uint8([0xFF ^ (2 ** (8 - b) - 1) for b in range(9)]))
-    return x & g.dev(masks[bits])
+    return x & g.dev(masks[fn.cast(bits, dtype=types.INT32)])
 
 
 def _affine(kind: str, axis: int):
     """shear_x/y (coefficient) or translate_x/y (fraction of the side) about the top-left corner,
     as PIL's affine transform in FixMatch's code; the uncovered area is grey."""
 
-    def op(g: _Graph, x, rng):
-        m = _uniform(rng)
+    def op(g: _Graph, x, m):
         vec = fn.stack(m, m * 0) if axis == 0 else fn.stack(m * 0, m)  # (x, y)
         matrix = fn.transforms.shear(shear=vec) if kind == "shear" else fn.transforms.translation(offset=vec * g.size)
         return fn.warp_affine(x, matrix=matrix, fill_value=GREY, inverse_map=False)
@@ -310,62 +295,58 @@ def _affine(kind: str, axis: int):
     return op
 
 
-# FixMatch's pool (recipes.RANDAUGMENT_POOL): op name -> emitter(graph, images, magnitude range).
+# FixMatch's pool (recipes.RANDAUGMENT_POOL): op name -> emitter(graph, images, magnitude per sample).
 _RA = {
-    "identity": lambda g, x, rng: x,
+    "identity": lambda g, x, m: x,
     "autocontrast": _autocontrast,
-    "brightness": lambda g, x, rng: fn.brightness(x, brightness=_uniform(rng)),
-    "color": lambda g, x, rng: fn.saturation(x, saturation=_uniform(rng)),
-    "contrast": lambda g, x, rng: g.contrast(x, _uniform(rng)),
-    "equalize": lambda g, x, rng: fn.equalize(x),
+    "brightness": lambda g, x, m: fn.brightness(x, brightness=m),
+    "color": lambda g, x, m: fn.saturation(x, saturation=m),
+    "contrast": lambda g, x, m: g.contrast(x, m),
+    "equalize": lambda g, x, m: fn.equalize(x),
     "posterize": _posterize,
-    "rotate": lambda g, x, rng: fn.rotate(x, angle=_uniform(rng), keep_size=True, fill_value=GREY),
+    "rotate": lambda g, x, m: fn.rotate(x, angle=m, keep_size=True, fill_value=GREY),
     "sharpness": _sharpness,
     "shear_x": _affine("shear", 0),
     "shear_y": _affine("shear", 1),
-    "solarize": lambda g, x, rng: _solarize(x, g.dev(255 * _uniform(rng))),
+    "solarize": lambda g, x, m: _solarize(x, g.dev(255 * m)),
     "translate_x": _affine("translate", 0),
     "translate_y": _affine("translate", 1),
 }
 
 
 @pipeline_def(enable_conditionals=True)
-def recipe_pipeline(source, recipe: Recipe, *, gpu: bool, fused_decode: bool, out_dtype: str = "FLOAT",
-                    layout: str = "CHW", param_names: list | None = None):
-    """The DALI graph of `recipe`: encoded files and int64 labels from `source` (an iterable of
-    batches) -> one normalized output per view (`layout` CHW or HWC, `out_dtype` FLOAT/FLOAT16),
-    the labels, then, when a `param_names` list is given, the per-sample decisions of every view
-    as float32 scalars; their names are appended to `param_names` (one list per view)."""
-    jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True,
-                                       dtype=[types.UINT8, types.INT64])
-    graph = _Graph(recipe, gpu=gpu, fused_decode=fused_decode, out_dtype=out_dtype, layout=layout)
-    outs = [*graph.views(jpegs), labels.gpu() if gpu else labels]
-    if param_names is not None:
-        param_names.extend(list(p) for p in graph.params)
-        outs += [node for p in graph.params for node in p.values()]
-    return tuple(outs)
+def recipe_pipeline(recipe: Recipe, *, gpu: bool, fused_decode: bool, out_dtype: str = "FLOAT", layout: str = "CHW",
+                    decoder_options: dict | None = None):
+    """The DALI graph of `recipe`. Fed each iteration (`Pipeline.feed_input`): "jpegs" (the encoded
+    files, uint8 [bytes] per sample, not copied: keep them alive until the batch's outputs are taken),
+    "labels" (int64 per sample) and, per view i with decisions, "decisions{i}" (float32
+    [len(decisions.view_keys(view))] per sample). Outputs: one normalized image batch per view
+    (`layout` CHW or HWC, `out_dtype` FLOAT/FLOAT16), then the labels. `decoder_options` go to the
+    GPU ("mixed") decoders (hw_decoder_load, memory paddings, size hints)."""
+    jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1, no_copy=True)
+    labels = fn.external_source(name="labels", dtype=types.INT64, ndim=0)
+    graph = _Graph(recipe, gpu=gpu, fused_decode=fused_decode, out_dtype=out_dtype, layout=layout,
+                   decoder_options=decoder_options or {})
+    return (*graph.views(jpegs), labels.gpu() if gpu else labels)
 
 
 # --------------------------------------------------------------------------------------- loader
 
 
-class _EncodedBatches:
-    """Yields (encoded files, int64 labels) batch after batch for the given sample indices; each
-    batch's files are read by `workers` threads (file reads release the GIL)."""
+@dataclass
+class _Batch:
+    """One batch as fed: where it sits in the stream, the encoded files (kept alive until its outputs
+    are taken), the labels and each view's decisions (the fed table and the same values by name)."""
 
-    def __init__(self, files: Sequence[Path], labels: np.ndarray, indices: np.ndarray, batch_size: int, workers: int):
-        self.files, self.labels, self.indices = files, labels, indices
-        self.batch_size, self.workers = batch_size, workers
+    epoch: int
+    index: int
+    jpegs: list[np.ndarray]
+    labels: np.ndarray
+    decisions: list[tuple[np.ndarray, dict[str, np.ndarray]]]
 
-    def read(self, idx: np.ndarray) -> list[np.ndarray]:
-        return [np.fromfile(self.files[i], dtype=np.uint8) for i in idx]
-
-    def __iter__(self) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-        with ThreadPoolExecutor(self.workers) as pool:
-            for start in range(0, len(self.indices) - self.batch_size + 1, self.batch_size):
-                idx = self.indices[start : start + self.batch_size]
-                parts = pool.map(self.read, np.array_split(idx, self.workers))
-                yield [data for part in parts for data in part], self.labels[idx]
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.epoch, self.index
 
 
 def _device_id(device: str | torch.device) -> int | None:
@@ -377,27 +358,43 @@ def _device_id(device: str | torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def default_threads() -> int:
+    """DALI CPU threads for one process: the cores this process may use, shared by the processes of
+    its node (torchrun's LOCAL_WORLD_SIZE), one left for the training loop; 1 to 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, cores // local - 1))
+
+
 class DaliLoader:
     """Batches of `recipe`'s views of image files, decoded and augmented by DALI.
 
     Each epoch this rank reads its shard of `sampler.epoch_indices` (a full reshuffle; the ragged end
-    dropped, or padded by wrapping with drop_last=False) through a graph built with the seed
-    `sampler.rank_seed(seed, rank, epoch)`: same seed, same batches; ranks and epochs differ. Like
-    DistributedSampler, call `set_epoch` before each epoch. Yields `(views, labels)`: a tuple of
-    [B, 3, size, size] tensors of `dtype` on `device` (channels_last memory if asked) and int64
-    labels [B], all freshly allocated (the caller owns them). `device="cpu"` runs DALI's CPU mode.
-    Once `set_epoch` is in use, each epoch also prepares the next one's graph in a background thread
-    (defined, built, first batches scheduled), so a new epoch starts without that wait.
+    dropped, or padded by wrapping with drop_last=False); every random decision of batch b of epoch e
+    is drawn on the host from (seed, rank, e, b) (`decisions`): same seed, same batches; ranks, epochs
+    and batches differ. Like DistributedSampler, call `set_epoch` before each epoch. Yields
+    `(views, labels)`: a tuple of [B, 3, size, size] tensors of `dtype` on `device` (channels_last
+    memory if asked) and int64 labels [B], all freshly allocated (the caller owns them).
+    `device="cpu"` runs DALI's CPU mode.
+
+    One DALI pipeline is built on first use and kept: batches are fed to it `prefetch` ahead, across
+    epoch ends once `set_epoch` is in use (without it every pass reads the same epoch again), while
+    background threads read the next files and draw their decisions. Reading another epoch than the
+    one fed, or starting mid-epoch (`start_batch`), drains the `prefetch` batches in flight: no rebuild.
 
     files: image paths, or an ImageFolderIndex (then `labels` may be None). indices: restrict to
     those positions of `files` (e.g. a labelled split). fused_decode: each view that starts with
-    random_resized_crop decodes its own crop window (`image_random_crop`) instead of sharing one
-    full decode; default: fused for single-view recipes only. return_params: yield
-    `(views, labels, params)`, params a tuple (per view) of {decision: float32 [B] CPU tensor}
-    (hflip, color_jitter, grayscale, solarize, gaussian_blur where p < 1: 1 applied / 0 not; jitter
-    factors; translate_y/x px; randaugment{slot}: pool index or -1; cutout_y/x centre px).
+    random_resized_crop decodes just its window (`image_slice`) instead of sharing one full decode;
+    default: fused for single-view recipes only. return_params: yield `(views, labels, params)`,
+    params a tuple (per view) of {decision: float32 [B] CPU tensor} (`decisions.draw_batch`'s
+    values: hflip, color_jitter, grayscale, solarize, gaussian_blur where p < 1: 1 applied / 0 not;
+    jitter factors; translate_y/x px; randaugment{slot}: pool index or -1; cutout_y/x centre px; ...).
+    num_threads: DALI's CPU threads (default `default_threads()`); reader_threads: file-reading threads.
     stream_priority: CUDA priority of DALI's streams (lower runs first; PyTorch's streams have 0, the
-    range is `torch.cuda.Stream.priority_range()`); None keeps DALI's default.
+    range is `torch.cuda.Stream.priority_range()`); None keeps DALI's default. hw_decoder_load: the
+    share of JPEGs sent to the GPU's hardware decoder (where it has one); None keeps DALI's default.
+    sizes: the images' (height, width) [N, 2] (an ImageFolderIndex has them), which size the hardware
+    decoder's preallocated buffers.
     """
 
     def __init__(
@@ -416,15 +413,18 @@ class DaliLoader:
         drop_last: bool = True,
         indices: np.ndarray | Sequence[int] | None = None,
         num_threads: int | None = None,
+        reader_threads: int = 4,
         prefetch: int = 2,
         fused_decode: bool | None = None,
         return_params: bool = False,
         stream_priority: int | None = None,
+        hw_decoder_load: float | None = None,
+        sizes: np.ndarray | None = None,
     ):
         require_dali()
         if hasattr(files, "files"):  # an ImageFolderIndex
             labels = files.labels if labels is None else labels
-            files = files.files
+            files, sizes = files.files, files.sizes if sizes is None else sizes
         if labels is None:
             raise ValueError("DaliLoader: labels are required with a list of files")
         self.files = [Path(f) for f in files]
@@ -433,84 +433,160 @@ class DaliLoader:
             raise ValueError(f"DaliLoader: {len(self.files)} files but {len(self.labels)} labels")
         if dtype not in _DALI_DTYPES:
             raise ValueError(f"DaliLoader: dtype {dtype} is not one of {', '.join(map(str, _DALI_DTYPES))}")
+        if prefetch < 1 or reader_threads < 1:
+            raise ValueError(f"DaliLoader: prefetch={prefetch} and reader_threads={reader_threads} must be >= 1")
+        if hw_decoder_load is not None and not 0 <= hw_decoder_load <= 1:
+            raise ValueError(f"DaliLoader: hw_decoder_load={hw_decoder_load} is outside [0, 1]")
         self.device, self.device_id = torch.device(device), _device_id(device)
         self.pool = np.arange(len(self.files)) if indices is None else np.asarray(indices, dtype=np.int64)
         self.recipe, self.batch_size, self.seed = recipe, batch_size, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.dtype, self.channels_last, self.return_params = dtype, channels_last, return_params
         self.fused_decode = len(recipe.views) == 1 if fused_decode is None else fused_decode
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.num_threads, self.prefetch = num_threads or min(8, cores), prefetch
-        self.stream_priority = stream_priority
-        self.epoch = 0
+        self.num_threads, self.prefetch = num_threads or default_threads(), prefetch
+        self.stream_priority, self.hw_decoder_load = stream_priority, hw_decoder_load
+        self.sizes = None if sizes is None else np.asarray(sizes)
+        self._size_hint = None if sizes is None or not len(sizes) else np.percentile(sizes, 99, axis=0).astype(int)
+        self._needs_shapes = any(op.name == "random_resized_crop" for v in recipe.views for op in v.ops)
+        self.epoch, self.start_batch = 0, 0
         self._len = len(self._indices(0)) // batch_size  # also validates batch_size, rank, world_size
-        self._epochs_set = False  # set_epoch in use: the next iteration will read epoch + 1
-        self._ahead: tuple[int, Future] | None = None  # (epoch, its pipeline being prepared)
-        self._builder: ThreadPoolExecutor | None = None
+        self._epochs_set = False  # set_epoch in use: the stream runs on into the next epoch
+        self._pipe = None
+        self._fed: deque[_Batch] = deque()  # fed and scheduled, oldest first; their outputs not yet taken
+        self._next = (0, 0)  # (epoch, batch) the next feed reads
+        self._ahead: dict[tuple[int, int], Future] = {}  # batches being read and drawn in the background
+        self._order: dict[int, np.ndarray] = {}  # epoch -> this rank's sample indices (the last two epochs)
+        self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="dali-read")
+        self._preparer = ThreadPoolExecutor(1, thread_name_prefix="dali-prepare")
 
     def __len__(self) -> int:
         return self._len
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration reads (its permutation and its random streams)."""
-        self.epoch, self._epochs_set = epoch, True
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch the next iteration reads (its permutation and decisions) and the batch it
+        starts at (a resumed run's position in its epoch; the batches before it are not decoded)."""
+        if not 0 <= start_batch <= self._len:
+            raise ValueError(f"DaliLoader: start_batch={start_batch} is outside [0, {self._len}]")
+        self.epoch, self.start_batch, self._epochs_set = epoch, start_batch, True
 
     def _indices(self, epoch: int) -> np.ndarray:
         local = epoch_indices(len(self.pool), epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
                               batch_size=self.batch_size, drop_last=self.drop_last)
         return self.pool[local]
 
-    def pipeline(self, epoch: int, param_names: list | None = None):
-        """The DALI pipeline that reads `epoch` (call build(), then run() once per batch, len(self) times).
-        With return_params, `param_names` (a list) receives the names of each view's params outputs."""
+    # ------------------------------------------------------------------------------ the stream
+
+    def pipeline(self):
+        """This loader's DALI pipeline, defined (not built): what `__iter__` builds once and feeds."""
+        gpu = self.device_id is not None
+        options = {}
+        if gpu and self.hw_decoder_load is not None:
+            options["hw_decoder_load"] = self.hw_decoder_load
+        if gpu and self._size_hint is not None:  # the hardware decoder's buffers, sized for most images
+            options.update(preallocate_height_hint=int(self._size_hint[0]),
+                           preallocate_width_hint=int(self._size_hint[1]))
         return recipe_pipeline(
-            _EncodedBatches(self.files, self.labels, self._indices(epoch), self.batch_size, self.num_threads),
-            self.recipe,
-            gpu=self.device_id is not None, fused_decode=self.fused_decode, out_dtype=_DALI_DTYPES[self.dtype],
-            layout="HWC" if self.channels_last else "CHW", param_names=param_names if self.return_params else None,
+            self.recipe, gpu=gpu, fused_decode=self.fused_decode, out_dtype=_DALI_DTYPES[self.dtype],
+            layout="HWC" if self.channels_last else "CHW", decoder_options=options,
             batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-            seed=rank_seed(self.seed, self.rank, epoch), prefetch_queue_depth=self.prefetch,
-            **({} if self.stream_priority is None or self.device_id is None
+            prefetch_queue_depth=self.prefetch,
+            **({} if self.stream_priority is None or not gpu
                else {"default_cuda_stream_priority": self.stream_priority}),
         )
 
-    def _started(self, epoch: int) -> tuple:
-        """(the pipeline of `epoch`, built, its first batches scheduled; its params names per view)."""
-        names: list[list[str]] = []
-        pipe = self.pipeline(epoch, names)
-        pipe.build()
-        pipe.schedule_run()
-        return pipe, names
+    def _after(self, key: tuple[int, int]) -> tuple[int, int]:
+        epoch, b = key
+        if b + 1 < self._len:
+            return epoch, b + 1
+        return (epoch + 1, 0) if self._epochs_set else (epoch, 0)
 
-    def _take(self, epoch: int) -> tuple:
-        """The started pipeline of `epoch`: the one prepared ahead if it is that epoch's, else a new one."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            started = ahead[1].result()  # a preparation for another epoch is waited for and dropped
-            if ahead[0] == epoch:
-                return started
-            del started
-        return self._started(epoch)
+    def _prepare(self, key: tuple[int, int]) -> _Batch:
+        """Read batch `key`'s files and draw its decisions (in a background thread)."""
+        epoch, b = key
+        if epoch not in self._order:
+            self._order = {e: o for e, o in self._order.items() if e >= epoch - 1}
+            self._order[epoch] = self._indices(epoch)
+        idx = self._order[epoch][b * self.batch_size : (b + 1) * self.batch_size]
+        chunks = np.array_split(idx, min(len(idx), 4 * self._readers._max_workers))
+        jpegs = [data for part in self._readers.map(self._read, chunks) for data in part]
+        shapes = (np.array([decoded_shape(d, self.files[i]) for d, i in zip(jpegs, idx)])
+                  if self._needs_shapes else np.ones((len(idx), 2), dtype=np.int64))
+        decisions = draw_batch(self.recipe, batch_rng(self.seed, self.rank, epoch, b), shapes)
+        return _Batch(epoch, b, jpegs, self.labels[idx], decisions)
+
+    def _read(self, idx: np.ndarray) -> list[np.ndarray]:
+        return [np.fromfile(self.files[i], dtype=np.uint8) for i in idx]
+
+    def _feed(self) -> None:
+        """Feed the batch at `_next` (read ahead if it was) and keep the next ones being read."""
+        key = self._next
+        future = self._ahead.pop(key, None) or self._preparer.submit(self._prepare, key)
+        batch = future.result()
+        self._pipe.feed_input("jpegs", batch.jpegs)
+        self._pipe.feed_input("labels", batch.labels)
+        for i, (table, _) in enumerate(batch.decisions):
+            if table.shape[1]:
+                self._pipe.feed_input(f"decisions{i}", table)
+        self._fed.append(batch)
+        self._next = ahead = self._after(key)
+        for _ in range(self.prefetch + 1):  # keep a few batches read ahead of the feed
+            if ahead not in self._ahead:
+                self._ahead[ahead] = self._preparer.submit(self._prepare, ahead)
+            ahead = self._after(ahead)
+
+    def _seek(self, key: tuple[int, int]) -> None:
+        """Make `key` the next batch the pipeline outputs: nothing to do when the stream is there; else
+        the batches in flight are drained and dropped, and feeding restarts at `key`."""
+        if self._pipe is None:
+            self._pipe = self.pipeline()
+            self._pipe.build()
+            self._next = key
+            for _ in range(self.prefetch):
+                self._feed()
+            self._pipe.schedule_run()  # the first call runs `prefetch` iterations
+            return
+        if (self._fed[0].key if self._fed else self._next) == key:
+            return
+        while self._fed:  # drop the batches in flight
+            self._pipe.outputs()
+            self._fed.popleft()
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
+        self._next = key
+        for _ in range(self.prefetch):
+            self._feed()
+            self._pipe.schedule_run()
 
     def __iter__(self) -> Iterator[tuple]:
-        epoch = self.epoch
-        pipe, param_names = self._take(epoch)
-        if self._epochs_set:  # the caller steps through epochs: prepare the next while this one runs
-            self._builder = self._builder or ThreadPoolExecutor(1, thread_name_prefix="dali-next-epoch")
-            self._ahead = (epoch + 1, self._builder.submit(self._started, epoch + 1))
-        stream = torch.cuda.current_stream(self.device) if self.device_id is not None else None
-        n, cpu = len(self.recipe.views), torch.device("cpu")
-        for b in range(self._len):
-            outs = pipe.outputs()  # _started scheduled the first batches (DALI's prefetch queue)
+        self._seek((self.epoch, self.start_batch))
+        start, self.start_batch = self.start_batch, 0  # a later pass reads the whole epoch
+        cuda = self.device_id is not None
+        stream = torch.cuda.current_stream(self.device) if cuda else None
+        n = len(self.recipe.views)
+        for _ in range(start, self._len):
+            outs = self._pipe.outputs(cuda_stream=stream) if cuda else self._pipe.outputs()
+            batch = self._fed.popleft()  # the batch these outputs are of (its files may now be freed)
             views = tuple(self._view(outs[i], i, stream) for i in range(n))
             labels = _owned(outs[n], torch.int64, self.device, stream)
+            del outs
+            self._feed()
+            self._pipe.schedule_run()
             if self.return_params:
-                flat = iter(outs[n + 1 :])
-                params = tuple({k: _owned(next(flat), torch.float32, cpu, None) for k in names}
-                               for names in param_names)
-            if b + 1 < self._len:
-                pipe.schedule_run()  # the batch after those queued (once this one's outputs are copied)
-            yield (views, labels, params) if self.return_params else (views, labels)
+                params = tuple({k: torch.from_numpy(v.copy()) for k, v in named.items()}
+                               for _, named in batch.decisions)
+                yield views, labels, params
+            else:
+                yield views, labels
+
+    def close(self) -> None:
+        """Stop the background readers and free the pipeline (also done when the loader is collected)."""
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
+        self._readers.shutdown(wait=False, cancel_futures=True)
+        self._preparer.shutdown(wait=False, cancel_futures=True)
+        self._pipe, self._fed = None, deque()
 
     def _view(self, batch, i: int, stream) -> torch.Tensor:
         size, name = self.recipe.size, self.recipe.name

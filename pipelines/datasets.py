@@ -2,9 +2,11 @@
 
 Layout: `root/<class>/<image>` or `root/<split>/<class>/<image>`; classes are the sorted names of the
 sub-folders, so labels are the same on every machine. Images are JPEG or PNG, told apart by their
-bytes, not their names. The bad-data policy is in docs/DATA.md: gray, CMYK and PNG images are
-decoded to RGB and counted; corrupt or truncated files, empty class folders, unsupported image
-formats and missing or empty roots are refused before training with the offending paths.
+bytes, not their names. Folder links are followed out of the tree only, each folder read once: a
+link back into the tree (a cycle, another class) is not followed, and reported. The bad-data policy
+is in docs/DATA.md: gray, CMYK and PNG images are decoded to RGB and counted; corrupt or truncated
+files, empty class folders, unsupported image formats and missing or empty roots are refused before
+training with the offending paths.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import struct
 import subprocess
@@ -22,7 +25,7 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +71,8 @@ class ImageFolderIndex:
     files: absolute paths; labels: int64 [N], index into `classes`; sizes: int32 [N, 2] (height,
     width) in px as stored in the file headers (before any EXIF rotation); counts: what the scan
     found ("jpeg", "png", "gray", "cmyk", "ignored" non-image files, "skipped" corrupt files);
-    skipped: the corrupt files left out (on_corrupt="skip").
+    skipped: the corrupt files left out (on_corrupt="skip"); unfollowed: (link, why) of the folder
+    links the walk did not follow (`_walk`).
     """
 
     root: Path
@@ -78,6 +82,7 @@ class ImageFolderIndex:
     sizes: np.ndarray | None = None
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list[Path] = field(default_factory=list)
+    unfollowed: list[tuple[Path, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -91,6 +96,8 @@ class ImageFolderIndex:
             text += f"; ignored {c['ignored']} non-image files"
         if c.get("skipped"):
             text += f"; skipped {c['skipped']} corrupt files"
+        if self.unfollowed:
+            text += f"; did not follow {len(self.unfollowed)} folder link(s) (a cycle, into the tree or read before)"
         return text
 
 
@@ -125,7 +132,7 @@ def scan_image_folder(
         what = "is not a folder" if folder.exists() else "does not exist"
         raise DataError(f"{folder}: {what}; expected a class-folder tree (<class>/<image>.jpg)")
     folder = folder.resolve()
-    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = sorted(d for d in _entries(folder) if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{folder}: no class folders; expected one sub-folder per class (<class>/<image>)")
     names = [d.name for d in class_dirs]
@@ -133,12 +140,19 @@ def scan_image_folder(
         missing, extra = sorted(set(classes) - set(names)), sorted(set(names) - set(classes))
         raise DataError(f"{folder}: class folders are not the expected ones (missing {missing}, extra {extra})")
 
-    files, labels, unsupported, empty, ignored = [], [], [], [], 0
+    real = {d: os.path.realpath(d) for d in class_dirs}
+    for link in (d for d in class_dirs if d.is_symlink()):
+        for other in (d for d in class_dirs if d != link):
+            if _within(real[link], real[other]) or _within(real[other], real[link]):
+                raise DataError(f"{link}: a link to {real[link]}, which overlaps class folder {other.name}: "
+                                "their images would be read under two labels")
+    tree = [str(folder), *real.values()]
+    files, labels, unsupported, empty, ignored, unfollowed, seen = [], [], [], [], 0, [], {}
     for label, class_dir in enumerate(class_dirs):
         found = 0
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
+        seen[real[class_dir]] = class_dir
+        for dirpath, filenames in _walk(class_dir, tree, seen, unfollowed):
+            for name in filenames:
                 suffix = os.path.splitext(name)[1].lower()
                 if not name.startswith(".") and suffix in IMAGE_SUFFIXES:
                     files.append(Path(dirpath, name))
@@ -165,7 +179,8 @@ def scan_image_folder(
     if bad and on_corrupt == "raise":
         head = f"{len(bad)} corrupt or truncated image(s) under {folder}"
         listing = _listing(head, [(files[i], why) for i, why in sorted(bad.items())])
-        raise DataError(listing + "\nremove or replace them, or scan with on_corrupt='skip'")
+        raise DataError(f"{listing}\nremove or replace them (`fastse data check {folder} --deep` also decodes every "
+                        "image, to find any others)")
 
     keep = [i for i in range(len(files)) if i not in bad]
     kept = [probes[i] for i in keep]
@@ -185,15 +200,63 @@ def scan_image_folder(
             "skipped": len(bad),
         },
         skipped=[files[i] for i in sorted(bad)],
+        unfollowed=unfollowed,
     )
     lost = [names[c] for c in np.flatnonzero(np.bincount(index.labels, minlength=len(names)) == 0)]
     if lost:
         raise DataError(f"{folder}: class folder(s) {lost} hold no valid image once corrupt ones are skipped")
+    if unfollowed:
+        log.warning(_listing(f"{folder}: {len(unfollowed)} folder link(s) not followed", unfollowed))
     if bad:
         log.warning("%s: %s", index.summary(), ", ".join(map(str, index.skipped[:_LISTED])))
     elif ignored or any(index.counts[k] for k in ("png", "gray", "cmyk")):
         log.info(index.summary())
     return index
+
+
+def _walk(class_dir: Path, tree: list[str], seen: dict[str, Path], unfollowed: list[tuple[Path, str]]
+          ) -> Iterator[tuple[str, list[str]]]:
+    """(folder, sorted file names) of `class_dir` and its non-hidden sub-folders, in sorted order, each real
+    folder once. A folder link is followed only out of the tree (`tree`: the real paths of the root and the
+    class folders, which are read directly) and not to a folder holding it (a cycle); a folder read before
+    (`seen`: real path -> the path it was read at) is not read again. Links and folders left out go to
+    `unfollowed` with the reason, so no file is read twice or under another class."""
+    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=_unreadable, followlinks=True):
+        here, keep = os.path.realpath(dirpath), []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            path = os.path.join(dirpath, name)
+            target = os.path.realpath(path)
+            if os.path.islink(path) and _within(here, target):
+                why = "a folder holding it (a cycle)"
+            elif os.path.islink(path) and any(_within(target, t) or _within(t, target) for t in tree):
+                why = "inside the data tree, whose folders are read directly"
+            elif target in seen:
+                why = f"already read as {seen[target]}"
+            else:
+                seen[target] = Path(path)
+                keep.append(name)
+                continue
+            unfollowed.append((Path(path), f"not followed: it leads to {target}, {why}"))
+        dirnames[:] = keep
+        yield dirpath, sorted(filenames)
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The entries of `folder`; DataError where it cannot be listed (no permission)."""
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise DataError(f"{folder}: cannot be read ({e.strerror or e})") from None
+
+
+def _unreadable(error: OSError) -> None:
+    """`os.walk`'s onerror: a folder of the tree that cannot be listed is refused, not taken for an empty one."""
+    raise DataError(f"{error.filename}: cannot be read ({error.strerror or error})")
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether the real path `path` is `folder` or inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 class _Corrupt(Exception):
@@ -354,8 +417,8 @@ def load_uint8(
         if meta.get("key") == key and meta.get("shape") == list(shape):
             return np.load(array_path), index.labels.astype(np.int64, copy=True)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.{os.getpid()}.npy"
+    _writable_cache(folder)
+    tmp = folder / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.npy"  # unique on a cache that nodes share
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
     start = time.perf_counter()
     try:
@@ -405,6 +468,17 @@ def _decode_into(job: tuple[Path, int, list[Path], tuple[int, int]]) -> dict:
     return {"errors": errors, "modes": dict(modes)}
 
 
+def _writable_cache(folder: Path) -> None:
+    """Create the cache folder `folder`; DataError naming it, and how to choose another, where it cannot
+    be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise DataError(f"{folder}: the cache folder cannot be written ({e.strerror or e}); choose another with "
+                        "--cache-dir or $FASTSE_CACHE") from None
+
+
 def _file_list_key(index: ImageFolderIndex) -> str:
     h = hashlib.sha256(f"fastse-uint8-v1\n{index.root}\n{index.classes}\n".encode())
     for path in index.files:
@@ -415,7 +489,7 @@ def _file_list_key(index: ImageFolderIndex) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -432,6 +506,7 @@ def resolve_data(spec: str | Path, *, cache_dir: str | Path | None = None) -> Pa
     if isinstance(spec, str) and spec.lower() in TORCHVISION_SETS and not path.exists():
         return _from_torchvision(spec.lower(), cache)
     if path.is_dir():
+        _entries(path)  # an unreadable root is named as such, not as a tree without train/
         return path.resolve()
     if path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES):
         return _extract_archive(path, cache)
@@ -449,7 +524,7 @@ def _extract_archive(archive: Path, cache: Path) -> Path:
     dest = cache / "extracted" / f"{stem}-{tag}"
     if (dest / COMPLETE).is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    _writable_cache(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=dest.parent))
     try:
         _untar(archive, tmp)
@@ -526,6 +601,7 @@ def _from_torchvision(name: str, cache: Path) -> Path:
     dest = cache / f"{name}-jpeg"
     if (dest / COMPLETE).is_file():
         return dest
+    _writable_cache(cache)
     import torchvision.datasets
 
     dataset_cls = getattr(torchvision.datasets, TORCHVISION_SETS[name])
@@ -537,7 +613,6 @@ def _from_torchvision(name: str, cache: Path) -> Path:
             f"{raw}: torchvision could not download or read {name} ({type(e).__name__}: {e}); "
             f"without internet, place {dataset_cls.filename} there, or pass a class-folder tree or archive"
         ) from e
-    cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-jpeg-", dir=cache))
     try:
         for split, ds in splits.items():
@@ -636,6 +711,7 @@ def dataset_stats(
     if stats_path.is_file():
         saved = json.loads(stats_path.read_text())
         return tuple(saved["mean"]), tuple(saved["std"])
+    _writable_cache(cache)
     pick = np.random.default_rng(0).permutation(len(index))[:max_images]
     total, total_sq, count = np.zeros(3), np.zeros(3), 0
     for i in pick:
@@ -648,6 +724,5 @@ def dataset_stats(
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
     result = tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
-    cache.mkdir(parents=True, exist_ok=True)
     _write_atomic(stats_path, json.dumps({"root": str(index.root), "mean": result[0], "std": result[1]}))
     return result

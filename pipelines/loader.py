@@ -4,16 +4,18 @@ Backends (the CLI's `--loader`):
 - "tensor": the images decoded once into a uint8 array on the training device and augmented by
   batched tensor ops (`tensor_backend.TensorLoader`); images of one size only.
 - "dali": the files decoded and augmented by NVIDIA DALI every epoch (`dali_backend.DaliLoader`).
-- "auto": "tensor" when the images are small (one size, at most 64 px a side) and their array takes
-  under a quarter of the device's free memory (on CPU: always for small images), where batched ops
-  were 8x faster than DALI at 32 px; "dali" otherwise, or "tensor" when DALI is not installed and
-  the array fits.
+- "auto": "tensor" when the images are small (`sizes.image_sizes`: a median side of at most 64 px;
+  one size) and their array takes under a quarter of the device's free memory (on CPU: always for
+  small images), where batched ops were 8x faster than DALI at 32 px; "dali" otherwise, or "tensor"
+  when DALI is not installed and the images, of one size, fit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,7 @@ from .datasets import (
     scan_image_folder,
 )
 from .recipes import Recipe, get_recipe
+from .sizes import image_sizes
 from .tensor_backend import TensorLoader
 
 if TYPE_CHECKING:
@@ -39,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensor", "dali")
-SMALL_SIDE = 64  # px: at most this, batched tensor ops beat DALI
 MEMORY_SHARE = 0.25  # the uint8 array may take this share of the device's free memory
 
 
@@ -64,7 +66,7 @@ def build_loader(
     """A loader yielding `(views, labels)` batches of `recipe` over `data` for this rank.
 
     recipe: a recipes.Recipe (used as is, with its mean/std) or a recipe name, built at `size` px
-    (default: the images' side when they are small, else 224) and normalized by
+    (default: `sizes.ImageSizes.default_size`: the images' side when they are small, else 224) and normalized by
     `datasets.dataset_stats` of the data. data: a class-folder tree, an archive of one, "cifar10" /
     "cifar100", or an ImageFolderIndex; `split` picks `<root>/<split>` where the tree has splits.
     `indices` restricts the loader to those samples (e.g. a labelled split). See the module
@@ -74,10 +76,9 @@ def build_loader(
         raise ValueError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     device = torch.device(device)
     index = data if isinstance(data, ImageFolderIndex) else _scan(data, split, cache_dir)
-    side, uniform = _image_side(index)
     if isinstance(recipe, str):
         name = data.lower() if isinstance(data, str) and data.lower() in TORCHVISION_SETS else index.root
-        size = size or (side if uniform and side <= SMALL_SIDE else 224)
+        size = size or image_sizes(index).check().default_size
         recipe = get_recipe(recipe, size).with_stats(*dataset_stats(name, cache_dir=cache_dir))
     elif size is not None and size != recipe.size:
         raise ValueError(f"size={size} px, but the recipe {recipe.name!r} was built for {recipe.size} px")
@@ -96,20 +97,39 @@ def build_loader(
     return TensorLoader(images.to(device), torch.from_numpy(labels).to(device), recipe, **common)
 
 
+@contextlib.contextmanager
+def consumer_stream(loader: TensorLoader | DaliLoader, device: torch.device) -> Iterator[None]:
+    """The context in which to consume `loader`'s batches (train on them): for a DALI loader on CUDA, a
+    CUDA stream of the highest priority. DALI's streams and PyTorch's default stream have the lowest, so
+    the GPU schedules the consumer's kernels first and DALI's decode and augmentation fill the gaps
+    instead of delaying the step. Elsewhere the current stream. Work done before on the current stream
+    is waited for on entry, and the consumer's on exit."""
+    if torch.device(device).type != "cuda" or getattr(loader, "device_id", None) is None:
+        yield
+        return
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device, priority=torch.cuda.Stream.priority_range()[1])
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
+
+
 def choose_backend(index: ImageFolderIndex, device: torch.device) -> tuple[str, str]:
     """("tensor" or "dali", the reason) for the images of `index` on `device` (see the module docstring)."""
     from .dali_backend import dali_available
 
-    side, uniform = _image_side(index)
-    if not uniform:
+    sizes = image_sizes(index).check()  # small images: of one size
+    if len(sizes.off_shape()):
         if not dali_available():
             raise ImportError(f"{index.root}: the images differ in size, which only the DALI backend reads, and "
                               "NVIDIA DALI is not installed: pip install 'fastse[cu13]' (or 'fastse[cu12]')")
         return "dali", "the images differ in size"
-    need, free = len(index) * side * side * 3, _free_bytes(device)  # `side` is the larger side: an upper bound
+    (height, width), side = sizes.shape, max(sizes.shape)
+    need, free = len(index) * height * width * 3, _free_bytes(device)
     fits = need < MEMORY_SHARE * free
     mib = f"{need / 2**20:.0f} MiB of uint8 images, {free / 2**20:.0f} MiB free on {device}"
-    if side <= SMALL_SIDE and (fits or device.type == "cpu"):
+    if sizes.small and (fits or device.type == "cpu"):
         return "tensor", f"{side} px images, {mib}"
     if dali_available():
         return "dali", f"{side} px images, {mib}"
@@ -127,14 +147,6 @@ def _scan(data: str | Path, split: str | None, cache_dir: str | Path | None) -> 
     if split and splits:
         raise DataError(f"{root}: no {split}/ folder (the tree has {', '.join(splits)})")
     return scan_image_folder(root)
-
-
-def _image_side(index: ImageFolderIndex) -> tuple[int, bool]:
-    """(the largest image side in px, whether every image has the same size)."""
-    sizes = index.sizes
-    if sizes is None or len(sizes) == 0:
-        raise DataError(f"{index.root}: the index has no image sizes; build it with datasets.scan_image_folder")
-    return int(sizes.max()), len(np.unique(sizes, axis=0)) == 1
 
 
 def _free_bytes(device: torch.device) -> int:

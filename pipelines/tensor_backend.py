@@ -636,7 +636,7 @@ class TensorLoader:
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.dtype, self.channels_last = dtype, channels_last
         self.batches_per_call = max(1, images_per_call // batch_size)
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         self._n = len(self.images) if self.subset is None else len(self.subset)
         self._len = len(self._order(0)) // batch_size  # also validates batch_size, rank, world_size
 
@@ -647,11 +647,20 @@ class TensorLoader:
     def __len__(self) -> int:
         return self._len
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration reads (its permutation and its random streams)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch the next iteration reads (its permutation and its random streams) and the
+        batch it starts at (a resumed run's position; the earlier batches are drawn, not yielded)."""
+        if not 0 <= start_batch <= self._len:
+            raise ValueError(f"TensorLoader: start_batch={start_batch} is outside [0, {self._len}]")
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
+        skip, self.start_batch = self.start_batch, 0  # a later pass reads the whole epoch
+        for k, batch in enumerate(self._batches()):
+            if k >= skip:
+                yield batch
+
+    def _batches(self) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
         order = torch.from_numpy(self._order(self.epoch))
         if self.device.type == "cuda":
             order = order.pin_memory()

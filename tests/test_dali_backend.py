@@ -347,8 +347,10 @@ def test_randaugment_ops(cifar, name):
     ref, _ = first(files, [], n=64)
     out, p = first(files, [Op("randaugment", params={"n": 1, "op_p": 1.0, "pool": (name,)})], n=64)
     assert np.all(p["randaugment0"] == 0)
-    changed = (out != ref).reshape(64, -1).any(1).mean()
-    assert changed == 0 if name == "identity" else changed > 0.75
+    changed = (out != ref).reshape(64, -1).any(1)
+    if name == "posterize":  # keeping all 8 bits (a fifth of the draws) is the identity
+        changed = changed[p["randaugment0_magnitude"] < 8]
+    assert changed.mean() == 0 if name == "identity" else changed.mean() > 0.75
     if name == "autocontrast":
         pil = np.stack([np.asarray(ImageOps.autocontrast(Image.fromarray(r.astype(np.uint8)))) for r in ref])
         assert np.abs(out - pil).max() <= 1
@@ -413,27 +415,38 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, pytest.mark.gpu])])
-def test_epochs_prepared_ahead_match_fresh_pipelines(cifar, device):
+def test_one_pipeline_reads_every_epoch_and_resume_point_like_fresh_loaders(cifar, device):
     files = cifar[0][:96]
     make = lambda: loader(files, recipes.byol(32), batch_size=32, return_params=True, device=device)  # noqa: E731
 
-    def fresh(epoch):  # a new loader per epoch: that epoch's pipeline is built on the spot, not ahead
+    def fresh(epoch):  # a new loader (and pipeline) per epoch
         it = make()
         it.set_epoch(epoch)
         return list(it)
 
-    stepping = make()
-    for epoch in (0, 1, 2, 5, 6):  # 5: the epoch prepared ahead (3) is dropped for another
-        stepping.set_epoch(epoch)
-        got, want = list(stepping), fresh(epoch)
-        assert stepping._ahead is not None and stepping._ahead[0] == epoch + 1
-        assert len(got) == len(want) == 3
+    def same(got, want):
+        assert len(got) == len(want)
         for (va, la, pa), (vb, lb, pb) in zip(got, want):
             assert torch.equal(la, lb) and all(torch.equal(x, y) for x, y in zip(va, vb))
             assert all(torch.equal(x[k], y[k]) for x, y in zip(pa, pb) for k in x)
-    plain = make()
-    next(iter(plain))
-    assert plain._ahead is None  # without set_epoch (an evaluation loader) nothing is prepared ahead
+
+    stepping = make()
+    pipelines = set()
+    for epoch in (0, 1, 2, 5, 6):  # 5: the batches fed ahead (of epoch 3) are dropped for another epoch
+        stepping.set_epoch(epoch)
+        got = list(stepping)
+        pipelines.add(id(stepping._pipe))
+        assert len(got) == 3
+        same(got, fresh(epoch))
+    assert len(pipelines) == 1  # built once, fed across epoch ends
+    stepping.set_epoch(4, start_batch=1)  # a resumed run's place in its epoch: the rest of that epoch, exactly
+    same(list(stepping), fresh(4)[1:])
+    stepping.set_epoch(5)
+    same(list(stepping), fresh(5))
+    partial = make()
+    partial.set_epoch(7)
+    next(iter(partial))  # a pass left after one batch: the next pass starts the epoch afresh
+    same(list(partial), fresh(7))
 
 
 def test_yielded_tensors_are_owned(cifar):

@@ -213,7 +213,7 @@ def test_corrupt_files_refused_with_path_or_skipped_with_count(tmp_path, case, r
         bad.write_bytes(small[:sof] + small[sos:])  # SOF0 segment (and what followed it) cut out
     with pytest.raises(DataError, match=reason) as err:
         scan_image_folder(root)
-    assert str(bad) in str(err.value) and "on_corrupt='skip'" in str(err.value)
+    assert str(bad) in str(err.value) and f"fastse data check {root.resolve()} --deep" in str(err.value)
 
     index = scan_image_folder(root, on_corrupt="skip")
     assert bad not in index.files and index.skipped == [bad]

@@ -3,13 +3,13 @@ written and merged, torchvision state dicts accepted, bad checkpoints and flags 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
 from fastse.cli.main import main
+
+from fastse.results import read_results
 
 
 def run(*args: str):
@@ -26,8 +26,8 @@ def test_both_commands_write_eval_json(tiny_run, tiny_cifar):
     assert byol.exit_code == 0, byol.output
     knn = run("knn", *data, "--k", "20")
     assert knn.exit_code == 0, knn.output
-    result = json.loads((tiny_run / "eval.json").read_text())
-    assert set(result) == {"fast", "byol", "knn"}  # merged, keyed by protocol
+    result = {r["kind"]: r for r in read_results(tiny_run)}
+    assert list(result) == ["fast", "byol", "knn"]  # every result kept, oldest first
     for entry in result.values():
         assert 0.0 <= entry["top1"] <= entry["top5"] <= 100.0 and entry["top5"] > 0
         assert entry["data"] == str(tiny_cifar) and entry["time"] and entry["seconds"] > 0
@@ -43,7 +43,7 @@ def test_torchvision_state_dict(tiny_cifar, tmp_path):
     result = run("knn", "--checkpoint", str(file), "--arch", "resnet18", "--data", str(tiny_cifar), "--limit", "30",
                  "--k", "5", "--cache-dir", str(tmp_path / "cache"))
     assert result.exit_code == 0, result.output
-    assert json.loads((file.parent / "eval.json").read_text())["knn"]["train_images"] == 30
+    assert [(r["kind"], r["train_images"]) for r in read_results(file.parent)] == [("knn", 30)]
 
 
 @pytest.mark.parametrize("args,message", [

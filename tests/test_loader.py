@@ -95,9 +95,11 @@ def test_auto_choice(monkeypatch):
     assert choose_backend(_index(32), CPU)[0] == "tensor"  # on CPU small images always go to tensors
     if dali_available():
         assert choose_backend(_index(96), CPU)[0] == "dali"
-        assert choose_backend(_index([32, 40]), CPU)[0] == "dali"
+        assert choose_backend(_index([96, 120]), CPU)[0] == "dali"
     else:
         with pytest.raises(ImportError, match="too large"):
             choose_backend(_index(96), CPU)
         with pytest.raises(ImportError, match="differ in size"):
-            choose_backend(_index([32, 40]), CPU)
+            choose_backend(_index([96, 120]), CPU)
+    with pytest.raises(DataError, match="50 of 100 images are not 32x32 px"):  # small images: one size, any backend
+        choose_backend(_index([32, 40]), CPU)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fastse.cli.evaluate import write_eval_json
 from fastse.cli.main import main
 from PIL import Image
 
 from fastse.config import preset
 from fastse.engine.logging import RunLog
 from fastse.report import ReportError, build_tables, load_run, markdown, write_report
+from fastse.results import add_result
 from fastse.semi.config import preset as semi_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_run_json_records_every_start(tmp_path, monkeypatch):
 
 def pretrain_run(folder: Path, method: str, knn: list[float], *, evals: dict | None = None, epochs: int = 4,
                  **changes) -> Path:
-    """A run folder written by the real writers (RunLog, write_eval_json) as the trainer writes it: a
+    """A run folder written by the real writers (RunLog, add_result) as the trainer writes it: a
     loss line and a kNN line at the end of every epoch of 10 steps, kNN top-1 `knn` by epoch."""
     config = preset(f"{method}-cifar10", epochs=epochs, knn_every=1, device="cpu", out=str(folder), **changes)
     log = RunLog(folder, config.to_dict(), wandb="disabled")
@@ -100,7 +100,7 @@ def pretrain_run(folder: Path, method: str, knn: list[float], *, evals: dict | N
         log.log({"step": 10 * epoch, "epoch": float(epoch), "knn_top1": acc, "knn_top5": 99.0, "knn_s": 0.4})
     log.close()
     for key, top1 in (evals or {}).items():
-        write_eval_json(folder, key, {"top1": top1, "top5": 99.5, "protocol": key, "seconds": 2.0})
+        add_result(folder, key, {"top1": top1, "top5": 99.5, "protocol": key, "seconds": 2.0})
     return folder
 
 

@@ -107,7 +107,7 @@ def test_checkpoint_round_trip(finished):
     opt_a, opt_b = fresh.optimizer.state_dict()["state"], trainer.optimizer.state_dict()["state"]
     assert opt_a.keys() == opt_b.keys()
     assert all(torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"]) for i in opt_a)
-    fresh.log.close()
+    fresh.close()
 
 
 def test_exported_backbone_loads_into_torchvision(finished):

@@ -1,10 +1,11 @@
 """What the pretraining and FixMatch loops share around their step.
 
 `RunTrainer.__init__` checks everything it can before joining the process group or touching a GPU
-(`runs.preflight`), joins the group, sets determinism, then calls the subclass's `_build(start)`
-(data, models, optimizer, smoother, resumed state), ending every rank if any of that fails. The rest:
-bf16 autocast, `torch.compile` with the configured mode, the first-step (compile) timing, rank-0
-printing and checks whose failure becomes a `TrainingError` naming the step.
+(`runs.preflight`; rank 0 then owns the run folder until `close`), joins the group, sets determinism,
+then calls the subclass's `_build(start)` (data, models, optimizer, smoother, resumed state), ending
+every rank if any of that fails. The rest: bf16 autocast, `torch.compile` with the configured mode, the
+first-step (compile) timing, rank-0 printing and checks whose failure becomes a `TrainingError` naming
+the step.
 """
 
 from __future__ import annotations
@@ -46,14 +47,17 @@ class RunTrainer:
 
     def __init__(self, config: Any, *, resume: bool, checkpoint_bytes: Callable[[Any], int]):
         self.owns_group = not (dist.is_available() and dist.is_initialized())
-        # every rank checks everything it can before joining the group or touching a GPU
-        self.env, start = runs.preflight(config, resume=resume, fixed=self.fixed, checkpoint_bytes=checkpoint_bytes)
+        if resume and config.data is None and (data := runs.recorded_data(Path(config.out))):
+            config = config.replace(data=data)  # --resume without --data: the data the run trained on
+        # every rank checks everything it can before joining the group or touching a GPU; rank 0 locks the folder
+        self.env, start, self.lock = runs.preflight(config, resume=resume, fixed=self.fixed,
+                                                    checkpoint_bytes=checkpoint_bytes)
         self.config, self.out = config, Path(config.out)
         self.cuda = self.env.device.type == "cuda"
-        self._check_env()
-        runs.set_determinism(config.deterministic, self.cuda)
-        self.env = ddp.init_distributed(config.device)
         try:
+            self._check_env()
+            runs.set_determinism(config.deterministic, self.cuda)
+            self.env = ddp.init_distributed(config.device)
             if start is not None and (changed := runs.changed_fields(start[1]["config"], config.to_dict(),
                                                                      self.resumable)):
                 self.print(f"resuming with changed settings: {changed}")
@@ -65,15 +69,25 @@ class RunTrainer:
             ddp.abort(e)
             if self.owns_group:
                 ddp.cleanup()
+            if self.lock is not None:
+                self.lock.release()
             raise
+
+    def close(self) -> None:
+        """Close the run log and give the run folder up: `fit` does at its end; call it for a trainer that
+        is built but not trained."""
+        self.log.close()
+        if self.lock is not None:
+            self.lock.release()
 
     @contextlib.contextmanager
     def _running(self):
-        """Around `fit`'s loop: a failure ends every rank (`distributed.abort`); the run log is closed
-        and the process group left either way. SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT) are noted for
-        `_stop_reason` meanwhile (in the main thread; the previous handlers come back after); a Ctrl-C
-        after a noted signal raises KeyboardInterrupt at once. With several ranks, a rank stuck in one call
-        `STOP_GRACE_S` after such a signal exits at once (`StopWatchdog`): its peers cannot answer."""
+        """Around `fit`'s loop: a failure ends every rank (`distributed.abort`); the run log is closed, the
+        run folder given up and the process group left either way. SIGTERM, SIGUSR1 and a first Ctrl-C
+        (SIGINT) are noted for `_stop_reason` meanwhile (in the main thread; the previous handlers come
+        back after); a Ctrl-C after a noted signal raises KeyboardInterrupt at once. With several ranks, a
+        rank stuck in one call `STOP_GRACE_S` after such a signal exits at once (`StopWatchdog`): its peers
+        cannot answer."""
         self.stop_signal: str | None = None
         self.fit_started = time.monotonic()
         self._watchdog: StopWatchdog | None = None
@@ -97,7 +111,7 @@ class RunTrainer:
             watching.close()
             for sig, previous in handlers.items():
                 signal.signal(sig, previous)
-            self.log.close()
+            self.close()
             if self.owns_group:
                 ddp.cleanup()
 
@@ -184,6 +198,14 @@ class RunTrainer:
         if not bool((steps == self.step).all()):
             raise ckpt.CheckpointError(f"the processes start at different steps {steps.tolist()}: {self.out} must be "
                                        "a folder that every node reads (shared storage)")
+
+    def step_stream(self):
+        """The context the training loop runs in (`pipelines.loader.consumer_stream` of its loader): with
+        a DALI loader on CUDA, a stream of the highest priority, so the loader's kernels fill the gaps of
+        the step instead of delaying it."""
+        from fastse.pipelines.loader import consumer_stream
+
+        return consumer_stream(self.train_loader, self.env.device)
 
     def _autocast(self):
         if self.amp_dtype is None:

@@ -1,7 +1,10 @@
 """Processes launched by torchrun (one per GPU, one or several nodes): set-up and the few collectives.
 
-torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain `python` launch
-has none of them and runs as a single process, where every helper here is a no-op.
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; a plain
+`python` launch has none of them and runs as a single process, where every helper here is a no-op.
+On several nodes (`torchrun --nnodes N --rdzv-backend c10d`) what is per node goes by the local rank:
+the GPU (cuda:LOCAL_RANK), and the data each node prepares in its own cache (local rank 0 first);
+global rank 0 alone writes the run folder, which every node reads when it resumes.
 
 Failing together: a rank that raises calls `abort(error)`, which posts the error in the process
 group's key-value store; a watchdog thread on every rank polls that key once a second and ends its
@@ -29,11 +32,13 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's place: global `rank` of `world_size`, `local_rank` on its node, its `device`."""
+    """This process's place: global `rank` of `world_size`, `local_rank` of the `local_world_size`
+    processes on its node, its `device`."""
 
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int
     device: torch.device
 
     @property
@@ -44,19 +49,24 @@ class Dist:
 def launch_env(device: str = "auto") -> Dist:
     """This process's place as the launcher set it (or as an existing process group has it) and its
     device (`auto`: cuda:LOCAL_RANK when CUDA is present, else cpu), without joining a group or
-    touching a GPU: settings can be checked first. Without torchrun: rank 0 of 1."""
+    touching a GPU: settings can be checked first. Without torchrun: rank 0 of 1. Without
+    LOCAL_WORLD_SIZE (a launcher other than torchrun) all processes are taken to share this node."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r}, but CUDA is not available")
+        if world > 1 and local >= (gpus := torch.cuda.device_count()):
+            raise ValueError(f"LOCAL_RANK={local}, but this node has {gpus} GPU(s): start at most {gpus} "
+                             "process(es) a node (torchrun --nproc-per-node)")
         dev = torch.device("cuda", local if dev.index is None or world > 1 else dev.index)
-    return Dist(rank, world, local, dev)
+    return Dist(rank=rank, world_size=world, local_rank=local, local_world_size=local_world, device=dev)
 
 
 def init_distributed(device: str = "auto") -> Dist:

@@ -1,17 +1,18 @@
 """What both training loops (`engine.trainer`, `semi.trainer`) do with a run and its folder, so that they
 start, stop and save alike.
 
-Before joining the process group or touching a GPU, every rank runs `preflight`: the settings, the
+Before joining the process group or touching a GPU, every rank runs `preflight`: the settings, a
+writable run folder with room for a checkpoint that no other run owns (rank 0 locks it), and the
 checkpoint to resume (`find_checkpoint`: never afresh over another run's or damaged checkpoints, never
-with another run's fixed settings) and a writable run folder with room for a checkpoint. While
-training, `LossMeter` watches the losses on the device without a sync; every save first checks them
-and the state to save (`check_before_save`), so the newest checkpoint is always a good one. `checked`
-turns a failed check into one `TrainingError` naming the step and the checkpoint kept;
-`save_checkpoint` does the same for a write that fails (a full disk).
+with another run's fixed settings). While training, `LossMeter` watches the losses on the device
+without a sync; every save first checks them and the state to save (`check_before_save`), so the newest
+checkpoint is always a good one. `checked` turns a failed check into one `TrainingError` naming the
+step and the checkpoint kept; `save_checkpoint` does the same for a write that fails (a full disk).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -25,8 +26,10 @@ from torch import Tensor, nn
 
 from fastse import checkpoints as ckpt
 from fastse.engine import distributed as ddp
+from fastse.runlock import RunLock
 
 T = TypeVar("T")
+FINGERPRINT_FILES = 64  # files whose byte sizes the data fingerprint takes in (`data_record`)
 Start = tuple[Path, dict]  # (checkpoint folder, its meta.json) a run resumes from
 
 
@@ -50,19 +53,38 @@ class RunConfig(Protocol):
 
 
 def preflight(config: RunConfig, *, resume: bool, fixed: Sequence[str],
-              checkpoint_bytes: Callable[[Any], int]) -> tuple[ddp.Dist, Start | None]:
+              checkpoint_bytes: Callable[[Any], int]) -> tuple[ddp.Dist, Start | None, RunLock | None]:
     """Every check that needs neither the process group nor a GPU: the settings (`config.validate` for
-    the launcher's world size), the checkpoint to resume (`find_checkpoint`), and that the run folder
-    can be written and has room for checkpoints of about `checkpoint_bytes(config)` bytes. Returns this
-    process's place (`distributed.launch_env`) and the checkpoint to start from (None: a fresh start).
-    Raises ValueError (CheckpointError, for the folder) with one line."""
+    the launcher's world size), that the run folder can be written and has room for checkpoints of about
+    `checkpoint_bytes(config)` bytes, that no other run owns it, and the checkpoint to resume
+    (`find_checkpoint`). Returns this process's place (`distributed.launch_env`), the checkpoint to start
+    from (None: a fresh start) and, on rank 0, the run folder's lock, held for all the run's ranks until
+    released. Raises ValueError (CheckpointError, for the folder; FolderInUse) with one line."""
     env = ddp.launch_env(config.device)
     config.validate(env.world_size)
     out = Path(config.out)
-    start = find_checkpoint(out, resume, config=config.to_dict(), fixed=fixed,
-                            say=lambda text: print(text, flush=True) if env.is_main else None)
     ckpt.check_run_dir(out, checkpoint_bytes(config), keep=config.keep_ckpts)
-    return env, start
+    lock = None
+    if env.is_main:
+        try:
+            lock = RunLock(out)
+        except OSError as e:
+            raise ckpt.CheckpointError(f"{out}: the run folder cannot be written ({e.strerror or e})") from None
+    try:
+        start = find_checkpoint(out, resume, config=config.to_dict(), fixed=fixed,
+                                say=lambda text: print(text, flush=True) if env.is_main else None)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return env, start, lock
+
+
+def recorded_data(out: Path) -> str | None:
+    """The `data` setting of the newest checkpoint in the run folder `out` (not verified here: resuming
+    verifies it), or None: what `--resume` without `--data` trains on."""
+    latest = ckpt.latest_checkpoint(out, verify=False) if out.is_dir() else None
+    return json.loads((latest / ckpt.META).read_text())["config"].get("data") if latest else None
 
 
 def find_checkpoint(out: Path, resume: bool, *, config: dict[str, Any], fixed: Sequence[str] = (),
@@ -89,6 +111,42 @@ def find_checkpoint(out: Path, resume: bool, *, config: dict[str, Any], fixed: S
         raise ckpt.CheckpointError(f"--resume: {out} holds a run with {was}, this one has {asked}: "
                                    "resume with the run's settings or choose another output folder")
     return latest, meta
+
+
+def data_record(index: Any) -> dict[str, Any]:
+    """What a checkpoint records of the images trained on, `index` (a `datasets.ImageFolderIndex`), for a
+    resume to compare (`check_same_data`): the root, the image count and a fingerprint (16 hex digits of a
+    sha256) of the classes, the files' names under the root, labels and pixel sizes, and the byte sizes of
+    up to FINGERPRINT_FILES files spread over the set (no image is read)."""
+    files = index.files
+    digest = hashlib.sha256(f"{index.classes}\n".encode())
+    cut = len(str(index.root)) + 1
+    digest.update("\n".join(str(f)[cut:] for f in files).encode())
+    digest.update(np.ascontiguousarray(index.labels, dtype=np.int64).tobytes())
+    if index.sizes is not None:
+        digest.update(np.ascontiguousarray(index.sizes, dtype=np.int32).tobytes())
+    picks = np.linspace(0, len(files) - 1, min(len(files), FINGERPRINT_FILES)).round().astype(int)
+    digest.update(str([os.path.getsize(files[i]) for i in picks]).encode())
+    return {"root": str(index.root), "images": len(files), "fingerprint": digest.hexdigest()[:16]}
+
+
+def check_same_data(meta: dict[str, Any], data: dict[str, Any], *, out: Path, say: Callable[[str], None]) -> None:
+    """Refuse (CheckpointError) to resume the run of `out`, whose checkpoint `meta` records the images it was
+    trained on, on other images (`data`, this run's `data_record`): another count or fingerprint. The same
+    images under another root are said and trained on; a checkpoint that records none (written before fastse
+    did) is said, not checked."""
+    saved = meta.get("data")
+    if not isinstance(saved, dict):
+        say(f"--resume: the checkpoint of {out} does not record its data (written by an older fastse): "
+            f"not checked that {data['root']} holds the images it was trained on")
+        return
+    if (saved.get("images"), saved.get("fingerprint")) != (data["images"], data["fingerprint"]):
+        raise ckpt.CheckpointError(
+            f"--resume: {out} was trained on {saved.get('images')} images of {saved.get('root')} (fingerprint "
+            f"{saved.get('fingerprint')}), this run reads {data['images']} of {data['root']} (fingerprint "
+            f"{data['fingerprint']}): resume with the run's data or choose another output folder")
+    if saved.get("root") != data["root"]:
+        say(f"--resume: the data moved from {saved.get('root')} to {data['root']} (the same {data['images']} images)")
 
 
 def changed_fields(saved: dict[str, Any], now: dict[str, Any], resumable: Collection[str] = ()) -> str:

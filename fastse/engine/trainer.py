@@ -11,7 +11,8 @@ teacher's backbone is exported to `backbone.safetensors` and measured by the kNN
 Faults (the checks are shared with `fastse.semi`: `engine.runs`). Before joining the process group
 or touching a GPU, every rank checks the settings, that a resumed folder holds a run of the same
 method and model, and that the run folder can be written and has room for a checkpoint
-(`runs.preflight`); the data is checked (`scan_image_folder`) before any model is built. A
+(`runs.preflight`); the data is checked (`scan_image_folder`, the size rule `sizes.image_sizes`, and
+on resume that they are the images the checkpoint was trained on) before any model is built. A
 non-finite loss stops the run (`TrainingError` naming the first step whose loss was not finite;
 `LossMeter` spots it on the device without a sync) at the next log line or checkpoint, whichever
 comes first: every checkpoint write first verifies the losses since the last check, that student,
@@ -81,7 +82,9 @@ class Trainer(RunTrainer):
             if (env.local_rank == 0) == first:
                 data = _build_data(config, env, self.amp_dtype or torch.float32)
             ddp.barrier()
-        self.train_loader, self.eval_loaders, self.data_info = data
+        self.train_loader, self.eval_loaders, self.data_info, self.data_record = data
+        if start is not None:  # the same images as the checkpoint's (or refused), before any model
+            runs.check_same_data(start[1], self.data_record, out=self.out, say=self.print)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, config.max_steps or self.total_steps)
@@ -127,14 +130,12 @@ class Trainer(RunTrainer):
         window = (self.step, time.perf_counter())  # (step, time) where the current img/s window starts
         first_step = self.step
         saved_at, stopped = None, None
-        with self._running():
+        with self._running(), self.step_stream():
             while self.step < self.stop_step and not stopped:
                 epoch = self.step // self.steps_per_epoch
-                skip = self.step - epoch * self.steps_per_epoch  # batches of this epoch done before a resume
-                self.train_loader.set_epoch(epoch)
-                for i, (views, _) in enumerate(self.train_loader):
-                    if i < skip:
-                        continue
+                # a resumed run starts where it stopped in its epoch (the loader skips the batches done)
+                self.train_loader.set_epoch(epoch, start_batch=self.step - epoch * self.steps_per_epoch)
+                for views, _ in self.train_loader:
                     loss = self.train_step(views)
                     self.step += 1
                     self.losses.add(loss, self.step)  # steps count from 1, as in the log lines
@@ -254,7 +255,7 @@ class Trainer(RunTrainer):
         """Checkpoint the current step (`_write_checkpoint`), with MoCo's queue and the epoch."""
         return self._write_checkpoint(
             self.method, lambda: {"queue": queue} if (queue := self.method.state_tensors()) else {},
-            epoch=self.step / self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch)
+            epoch=self.step / self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch, data=self.data_record)
 
     def _load(self, path: Path, meta: dict) -> None:
         groups, meta = ckpt.load_checkpoint(path, device=self.env.device)  # checksums verified
@@ -291,10 +292,12 @@ def checkpoint_bytes(config: PretrainConfig) -> int:
 
 
 def _build_data(config: PretrainConfig, env: ddp.Dist, dtype: torch.dtype):
-    """(train loader of this rank, rank 0's kNN loaders ((loader, n), (loader, n)) or None, a summary)."""
+    """(train loader of this rank, rank 0's kNN loaders ((loader, n), (loader, n)) or None, a summary, the
+    training images' `runs.data_record`). The size rule (`sizes.image_sizes`) picks the recipe's size."""
     from fastse.pipelines.datasets import SPLIT_NAMES, DataError, dataset_stats, resolve_data, scan_image_folder
     from fastse.pipelines.loader import build_loader
     from fastse.pipelines.recipes import get_recipe
+    from fastse.pipelines.sizes import image_sizes
 
     root = resolve_data(config.data_spec, cache_dir=config.cache_dir)
     splits = {d.name for d in root.iterdir() if d.is_dir() and d.name in SPLIT_NAMES}
@@ -302,21 +305,26 @@ def _build_data(config: PretrainConfig, env: ddp.Dist, dtype: torch.dtype):
         raise DataError(f"{root}: no train/ folder (the tree has {', '.join(sorted(splits))})")
     train = scan_image_folder(root, split="train" if splits else None)
     test_split = next((s for s in ("test", "val", "validation", "valid") if s in splits), None)
-    side, uniform = int(train.sizes.max()), len(np.unique(train.sizes, axis=0)) == 1
-    small = uniform and side <= 64
-    size = config.image_size or (side if small else 224)
+    sizes = image_sizes(train).check()
+    size = config.image_size or sizes.default_size
     stats = dataset_stats(config.dataset or root, cache_dir=config.cache_dir)
-    common = dict(device=env.device, backend=config.loader, dtype=dtype, channels_last=config.channels_last)
+    common = dict(device=env.device, backend=config.loader, dtype=dtype, channels_last=config.channels_last,
+                  cache_dir=config.cache_dir)
     train_idx = _subset(len(train), config.limit)
+    n_train = len(train) if train_idx is None else len(train_idx)
+    if n_train < config.batch_size:
+        limited = f" (limit={config.limit})" if train_idx is not None else ""
+        raise DataError(f"batch_size={config.batch_size} is more than the {n_train} training images{limited} of "
+                        f"{train.root}")
     loader = build_loader(get_recipe(config.augmentation or config.method, size).with_stats(*stats), train,
                           batch_size=config.batch_size // env.world_size, seed=config.seed, rank=env.rank,
                           world_size=env.world_size, indices=train_idx, drop_last=True, **common)
-    n_train = len(train) if train_idx is None else len(train_idx)
-    summary = f"{n_train} images of {root} at {size} px, {type(loader).__name__}"
+    summary = f"{n_train} images of {root} at {size} px ({sizes.verdict}), {type(loader).__name__}"
     evals = None
     if env.is_main and test_split is not None:
         test = scan_image_folder(root, split=test_split, classes=train.classes)
-        recipe = get_recipe("eval", side if small else size).with_stats(*stats)
+        image_sizes(train, test).check()
+        recipe = get_recipe("eval", sizes.default_size if sizes.small else size).with_stats(*stats)
         evals = []
         for index in (train, test):
             idx = _subset(len(index), config.limit)
@@ -326,7 +334,7 @@ def _build_data(config: PretrainConfig, env: ddp.Dist, dtype: torch.dtype):
         summary += f"; kNN monitor on {evals[1][1]} {test_split} images"
     elif env.is_main:
         summary += "; no test/ or val/ split: no kNN monitor"
-    return loader, evals, summary
+    return loader, evals, summary, runs.data_record(train)
 
 
 def _subset(n: int, limit: int | None) -> np.ndarray | None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastse.config import require_finite
 from fastse.engine import distributed as ddp
 from fastse.engine.optim import lr_at, set_lr
 from fastse.pipelines.datasets import (
@@ -36,9 +37,9 @@ from fastse.pipelines.datasets import (
     resolve_data,
     scan_image_folder,
 )
+from fastse.pipelines.loader import consumer_stream
 from fastse.pipelines.recipes import Op, Recipe, View, get_recipe
-
-SMALL_SIDE = 64  # px: images this small (CIFAR) use the small-image recipes
+from fastse.pipelines.sizes import SMALL_SIDE, image_sizes
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Protocol:
         return self.scaled_lr * 0.1 ** sum(step >= m * total for m in self.milestones)
 
     def validate(self) -> Protocol:
+        require_finite(self)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -156,13 +158,12 @@ def eval_data(data: str | Path, *, dataset: str | None = None, limit: int | None
                         f"{', '.join(sorted(splits)) or 'neither'}")
     train = scan_image_folder(root, split="train")
     test = scan_image_folder(root, split=test_split, classes=train.classes)
-    side, uniform = int(train.sizes.max()), len(np.unique(train.sizes, axis=0)) == 1
-    small = uniform and side <= SMALL_SIDE
-    size = image_size or (side if small else 224)
+    sizes = image_sizes(train, test).check()
+    size = image_size or sizes.default_size
     known = str(data).lower() if str(data).lower() in TORCHVISION_SETS else None  # "cifar10": published stats
     stats = dataset_stats(dataset or known or root, cache_dir=cache_dir)
     subset = lambda n: None if limit is None or limit >= n else np.sort(np.random.default_rng(0).permutation(n)[:limit])
-    return EvalData(train, test, size, small and size <= SMALL_SIDE, stats, subset(len(train)), subset(len(test)),
+    return EvalData(train, test, size, sizes.small and size <= SMALL_SIDE, stats, subset(len(train)), subset(len(test)),
                     cache_dir)
 
 
@@ -346,16 +347,14 @@ def train_linear(backbone: nn.Module, data: EvalData, protocol: Protocol, *, dev
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         train_loader.set_epoch(epoch)
-        for views, y in train_loader:
-            with torch.no_grad(), _autocast(device):
-                f = backbone(views[0]).float().flatten(1)
-            yield f, torch.as_tensor(y).to(device, torch.int64)
+        return frozen_features(backbone, train_loader, device)
 
     trained = head
     if world > 1:  # BatchNorm statistics: DDP broadcasts rank 0's with every forward
         trained = torch.nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.index is not
                                                             None else None)
-    train_head(trained, batches, steps, protocol, on_epoch=on_epoch)
+    with consumer_stream(train_loader, device):  # DALI's work fills the gaps of the step
+        train_head(trained, batches, steps, protocol, on_epoch=on_epoch)
     ddp.broadcast_buffers(head)  # the last forward updated each rank's BatchNorm statistics on its own shard
     return head
 
@@ -376,6 +375,16 @@ def linear_eval(backbone: nn.Module, data: EvalData, protocol: Protocol, *, devi
             "batch_size": protocol.batch_size, "lr": protocol.scaled_lr, "copies": protocol.copies,
             "train_images": data.num("train"), "test_images": n_test, "feature_dim": int(test[0].shape[1]),
             "seconds": time.perf_counter() - started}
+
+
+def frozen_features(backbone: nn.Module, batches: Iterable[tuple[tuple[Tensor, ...], Tensor]], device: torch.device
+                    ) -> Iterator[tuple[Tensor, Tensor]]:
+    """(features float32 [B, D], labels int64 [B]) of the frozen `backbone` (eval mode, no gradients) on
+    the first view of each `(views, labels)` batch: what the standard protocols train their head on."""
+    for views, y in batches:
+        with torch.no_grad(), _autocast(device):
+            f = backbone(views[0]).float().flatten(1)
+        yield f, torch.as_tensor(y).to(device, torch.int64)
 
 
 def _frozen(backbone: nn.Module, device: torch.device) -> nn.Module:

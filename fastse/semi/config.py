@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from fastse.config import COMPILE_MODES
+from fastse.config import COMPILE_MODES, require_finite
 from fastse.smoothing import GRANULARITIES, RULES
 
 DATASETS = ("cifar10", "cifar100")
@@ -88,6 +88,9 @@ class SemiConfig:
 
     def validate(self, world_size: int = 1) -> SemiConfig:
         """Raise ValueError with one clear line for an impossible setting; return self."""
+        require_finite(self)
+        if not str(self.out).strip():
+            raise ValueError("out='' names no folder: give the run folder")
         for name, choices in (("smoothing", RULES), ("granularity", GRANULARITIES), ("buffers", BUFFER_MODES),
                               ("dtype", DTYPES), ("wandb", WANDB_MODES),
                               ("compile_mode", COMPILE_MODES)):

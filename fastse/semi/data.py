@@ -31,6 +31,7 @@ from fastse.pipelines.datasets import (
     scan_image_folder,
 )
 from fastse.pipelines.recipes import fixmatch
+from fastse.pipelines.sizes import image_sizes
 from fastse.pipelines.tensor_backend import TensorLoader
 from fastse.semi.config import SemiConfig
 
@@ -81,10 +82,9 @@ def build_data(config: SemiConfig, env: Dist, dtype: torch.dtype, *, saved_split
         raise DataError(f"{root}: no test/ or val/ folder; fastse semi evaluates the models on it")
     train = scan_image_folder(root, split="train")
     test = scan_image_folder(root, split=test_split, classes=train.classes)
-    sizes = np.unique(np.concatenate([train.sizes, test.sizes]), axis=0)
-    if len(sizes) != 1 or sizes[0, 0] != sizes[0, 1]:
-        raise DataError(f"{root}: fastse semi needs square images of one size (found {sizes.tolist()[:4]} px)")
-    side = int(sizes[0, 0])
+    side, width = image_sizes(train, test).check(one_size=True).shape  # held in memory: of one size
+    if side != width:
+        raise DataError(f"{root}: fastse semi needs square images (they are {side}x{width} px)")
     if len(train) < config.unlabeled_batch:
         raise DataError(f"labeled_batch={config.labeled_batch} x mu={config.mu} unlabeled images a step, but "
                         f"{train.root} has only {len(train)} images")
@@ -143,14 +143,12 @@ def _labeled_seed(seed: int) -> int:
 
 
 def _stream(loader: TensorLoader, start: int) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
-    """`loader`'s batches epoch after epoch from its `start`-th batch; batches before it in its epoch are
-    drawn and dropped, so the random streams are where the uninterrupted run had them."""
+    """`loader`'s batches epoch after epoch from its `start`-th batch (the loader starts mid-epoch where
+    the uninterrupted run was: its random streams are where that run had them)."""
     epoch, skip = divmod(start, len(loader))
     while True:
-        loader.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            if i >= skip:
-                yield batch
+        loader.set_epoch(epoch, start_batch=skip)
+        yield from loader
         epoch, skip = epoch + 1, 0
 
 

@@ -11,10 +11,11 @@ one exactly where it stopped (bit-identically on CPU with `deterministic`).
 
 Faults are met as in pretraining (`fastse.engine.runs`): every rank checks the settings, a resumed
 run's fixed settings (model, labels, teacher rule) and the run folder before it joins the process group
-or touches a GPU; the data is checked before any model is built; a non-finite loss stops the run at the
-next log line or checkpoint, and no checkpoint is written unless the losses so far and the state to
-save are finite and the ranks' teachers agree, so the newest checkpoint is always a good one; a rank
-that raises ends all ranks (`distributed.abort`).
+or touches a GPU; the data is checked before any model is built (on resume: the same images and labeled
+split seed as the checkpoint's); a non-finite loss stops the run at the next log line or checkpoint, and
+no checkpoint is written unless the losses so far and the state to save are finite and the ranks'
+teachers agree, so the newest checkpoint is always a good one; a rank that raises ends all ranks
+(`distributed.abort`).
 """
 
 from __future__ import annotations
@@ -71,12 +72,19 @@ class SemiTrainer(RunTrainer):
         resumed state, wrappers, run log."""
         c, env = self.config, self.env
         saved_split = self.out / SPLIT_FILE if start is not None else None
+        if start is not None and (was := _split_seed(start[1]["config"])) != (now := _split_seed(c.to_dict())):
+            raise ckpt.CheckpointError(f"--resume: {self.out} trains on the labeled split drawn with split seed {was} "
+                                       f"({SPLIT_FILE}), this run asks for split seed {now}: resume with "
+                                       f"--split-seed {was} or choose another output folder")
         data = None
         for first in (True, False):  # local rank 0 downloads, decodes and caches first; the others reuse it
             if (env.local_rank == 0) == first:
                 data = build_data(c, env, self.amp_dtype or torch.float32, saved_split=saved_split)
             ddp.barrier()
         self.data: SemiData = data
+        self.data_record = runs.data_record(data.train)
+        if start is not None:  # the same images as the checkpoint's (or refused), before any model
+            runs.check_same_data(start[1], self.data_record, out=self.out, say=self.print)
         if start is None and env.is_main:
             save_split(self.out / SPLIT_FILE, data.split, data.train.files)
         self.stop_step = min(c.total_steps, c.max_steps or c.total_steps)
@@ -236,7 +244,7 @@ class SemiTrainer(RunTrainer):
 
     def _save(self) -> str:
         """Checkpoint the current step (`_write_checkpoint`), with the evaluations so far."""
-        return self._write_checkpoint(self.model, evals=self.evals)
+        return self._write_checkpoint(self.model, evals=self.evals, data=self.data_record)
 
     def _load(self, path: Path, meta: dict) -> None:
         groups, meta = ckpt.load_checkpoint(path, device=self.env.device)  # checksums verified
@@ -260,6 +268,11 @@ def checkpoint_bytes(config: SemiConfig) -> int:
     size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
     return 2 * size(student.state_dict().values()) + size(student.parameters())
 
+
+
+def _split_seed(config: dict[str, Any]) -> int:
+    """The seed that draws the labeled split of a run of `config` (a `SemiConfig.to_dict()`)."""
+    return config["seed"] if config.get("split_seed") is None else config["split_seed"]
 
 
 def _teacher_stats(smoother: Smoother) -> dict[str, float]:
