@@ -456,6 +456,7 @@ class DaliLoader:
         self._next = (0, 0)  # (epoch, batch) the next feed reads
         self._ahead: dict[tuple[int, int], Future] = {}  # batches being read and drawn in the background
         self._order: dict[int, np.ndarray] = {}  # epoch -> this rank's sample indices (the last two epochs)
+        self.reader_threads = reader_threads
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="dali-read")
         self._preparer = ThreadPoolExecutor(1, thread_name_prefix="dali-prepare")
 
@@ -507,7 +508,7 @@ class DaliLoader:
             self._order = {e: o for e, o in self._order.items() if e >= epoch - 1}
             self._order[epoch] = self._indices(epoch)
         idx = self._order[epoch][b * self.batch_size : (b + 1) * self.batch_size]
-        chunks = np.array_split(idx, min(len(idx), 4 * self._readers._max_workers))
+        chunks = np.array_split(idx, min(len(idx), 4 * self.reader_threads))
         jpegs = [data for part in self._readers.map(self._read, chunks) for data in part]
         shapes = (np.array([decoded_shape(d, self.files[i]) for d, i in zip(jpegs, idx)])
                   if self._needs_shapes else np.ones((len(idx), 2), dtype=np.int64))
