@@ -174,9 +174,9 @@ def main() -> None:
     for k, (name, options) in enumerate(args.variant or [("default", {})]):
         loader = variant_loader(own, options)
         trainer.train_loader = loader  # the trainer's step stream follows its loader
-        stream = trainer.step_stream() if options.get("step", "trainer") == "trainer" else contextlib.nullcontext()
+        on_stream = trainer.step_stream if options.get("step", "trainer") == "trainer" else contextlib.nullcontext
         real = Batches(loader, start=max(0, len(loader) - 2 - args.warmup - args.steps // 2))  # 2: fixed, first
-        with stream:
+        with on_stream():
             fixed = tuple(v.clone() for v in next(real))
             paths = {"real": lambda: trainer.train_step(next(real)), "synthetic": lambda: trainer.train_step(fixed),
                      "loader": lambda: next(real)}
@@ -200,7 +200,7 @@ def main() -> None:
               f"{synth_rate:,.0f} | {loader_rate:,.0f} | **{real_rate / synth_rate:.3f}** | {ends} |", flush=True)
         rows.append((name, rates))
         if args.profile and k == 0:
-            with stream:
+            with on_stream():
                 for path, step in profiled:
                     profile(f"{path} ({name})", step, args.profile, cuda)
         if loader is not own:
