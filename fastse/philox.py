@@ -30,9 +30,13 @@ def step_key(seed: int, step: int) -> int:
 
 
 def _mul_(a: torch.Tensor, b: int) -> None:
-    """a <- a * b mod 2^64 in place, for int64 a in [0, 2^32) and a 32-bit constant b (unsigned arithmetic, so no
-    signed overflow): the product's low word lands in bits 0-31 and its high word in bits 32-63."""
-    a.view(torch.uint64).mul_(b)
+    """a <- a * b mod 2^64 in place, for int64 a in [0, 2^32) and a 32-bit constant b: the product's low word
+    lands in bits 0-31 and its high word in bits 32-63. Unsigned arithmetic where torch has it (CPU); CUDA builds
+    have no uint64 multiply, and their int64 multiply wraps modulo 2^64, which gives the same bits."""
+    if a.device.type == "cpu":
+        a.view(torch.uint64).mul_(b)
+    else:
+        a.mul_(b)
 
 
 def _words(key: int, counter: torch.Tensor, rounds: int) -> tuple[torch.Tensor, ...]:

@@ -6,7 +6,7 @@ from torch import nn
 
 from fastse.smoothing import Smoother, make_teacher
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"), pytest.mark.gpu]
 
 
 def _net(dtype, channels_last=False):
@@ -64,3 +64,30 @@ def test_torch_path_steps_without_a_host_sync(rule, granularity):
         sm.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("rule", ["se", "sts"])
+@pytest.mark.parametrize("granularity", ["channel", "element"])
+def test_torch_path_on_cuda_matches_cpu(rule, granularity):
+    """CUDA without Triton draws the same masks as the CPU (its Philox words included) and updates the same
+    elements; se copies bit for bit, sts's lerp may round differently on the two devices (fp32 ulp)."""
+    cpu_student = _net(torch.float32).cpu()
+    cpu_teacher = make_teacher(cpu_student)
+    with torch.no_grad():
+        for p in cpu_teacher.parameters():
+            p.normal_()
+    gpu_student, gpu_teacher = make_teacher(cpu_student).cuda(), make_teacher(cpu_teacher).cuda()
+    kw = dict(rule=rule, keep_prob=0.6, momentum=0.9, granularity=granularity, seed=5, kernel="torch")
+    on_cpu, on_gpu = Smoother(cpu_student, cpu_teacher, **kw), Smoother(gpu_student, gpu_teacher, **kw)
+    for _ in range(3):
+        before = [p.clone() for p in cpu_teacher.parameters()]
+        on_cpu.step()
+        on_gpu.step()
+        assert on_cpu.stats()["updated_fraction"] == on_gpu.stats()["updated_fraction"]
+        for (name, x), y, x0 in zip(cpu_teacher.named_parameters(), gpu_teacher.parameters(), before):
+            y = y.cpu()
+            assert torch.equal(x != x0, y != x0), name  # the same elements updated
+            if rule == "se":
+                assert torch.equal(x, y), name
+            else:
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
