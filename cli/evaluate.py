@@ -1,7 +1,8 @@
 """`fastse eval-linear` and `fastse knn`: evaluate a frozen backbone (a fastse run folder, a
 `backbone.safetensors`, or a torchvision ResNet state dict). Results go to the console, to `eval.json`
 in the run folder or next to the file given (every result kept with what it measured: `fastse.results`),
-and to wandb.
+and to wandb: into the run folder's own wandb run where it has one, else a run of their own
+(`fastse.engine.logging.EvalLog`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,14 @@ def _common(fn):
         click.option("--loader", type=click.Choice(("auto", "tensor", "dali")), default="auto", show_default=True),
         click.option("--cache-dir", help="Extracted archives and decoded arrays."),
         click.option("--wandb", type=click.Choice(("auto", "online", "offline", "disabled")), default="auto",
-                     show_default=True),
-        click.option("--wandb-project", default="fastse", show_default=True),
+                     show_default=True, help="auto: $WANDB_MODE, else online with credentials, else offline. A run "
+                     "folder's results go into its own wandb run; the flags below name a run of the evaluation's own "
+                     "(a file, or a run folder trained without wandb)."),
+        click.option("--wandb-project", help="[default: $WANDB_PROJECT, else fastse]"),
+        click.option("--wandb-entity", help="[default: $WANDB_ENTITY, else wandb's default]"),
+        click.option("--wandb-group"),
+        click.option("--wandb-tags", metavar="TAG,TAG", help="Comma-separated tags."),
+        click.option("--wandb-name", help="[default: the folder or file name and the evaluation]"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -67,6 +74,8 @@ def eval_linear(protocol: str, epochs: int | None, batch_size: int | None, lr: f
     import torch.distributed as dist
 
     from fastse.engine import distributed as ddp
+    from fastse.engine.progress import EpochReport, Progress
+    from fastse.engine.progress import echo as say
     from fastse.eval.linear import get_protocol, linear_eval
 
     owns_group = not (dist.is_available() and dist.is_initialized())
@@ -81,19 +90,28 @@ def eval_linear(protocol: str, epochs: int | None, batch_size: int | None, lr: f
                                  copies=copies)
         except ValueError as e:
             raise click.UsageError(_as_flags(str(e))) from None
-        echo = click.echo if env.is_main else lambda *_: None
+        echo = say if env.is_main else lambda *_: None
         echo(f"linear eval ({proto.name}: {proto.epochs} epochs, batch {proto.batch_size}, lr {proto.lr} per 256) of "
              f"the {common['which']} backbone of {common['checkpoint']} on {data.num('train')} train / "
              f"{data.num('test')} test images at {data.size} px, {env.world_size} process(es) on {device}")
-        log = _runlog(folder, f"linear-{protocol}", common, vars(proto), enabled=env.is_main)
-        on_epoch = lambda e, loss: (log.log({"step": e, "epoch": e, "train_loss": loss}),
-                                    echo(f"epoch {e}/{proto.epochs}: loss {loss:.4f}"))
+        log = _evallog(folder, f"linear_{protocol}", common, vars(proto), enabled=env.is_main)
+        report = EpochReport(proto.epochs)
+        losses: dict[int, float] = {}
+
+        def on_test(e: int, acc: dict[str, float]) -> None:  # every few epochs: a line, a point of the curve
+            log.epoch({"epoch": e, "train_loss": losses[e], "test_top1": acc["top1"], "test_top5": acc["top5"]})
+            echo(f"linear {proto.name}: epoch {e}/{proto.epochs} | loss {losses[e]:.4f} | test top-1 "
+                 f"{acc['top1']:.2f}% | eta {report.eta(e)}")
+
         try:
-            result = linear_eval(backbone, data, proto, device=device, backend=common["loader"], seed=seed,
-                                 on_epoch=on_epoch)
+            with Progress(proto.epochs, unit="epoch", desc=f"linear {proto.name}", enabled=env.is_main) as bar:
+                on_epoch = lambda e, loss: (losses.__setitem__(e, loss), report.tick(e), bar.update(),
+                                            bar.postfix(loss=loss))
+                result = linear_eval(backbone, data, proto, device=device, backend=common["loader"], seed=seed,
+                                     on_epoch=on_epoch, test_every=report.every, on_test=on_test)
         except (ValueError, ImportError) as e:  # batch vs. data or processes, unreadable images, no DALI
             raise click.UsageError(_as_flags(str(e))) from None
-        log.log({"step": proto.epochs, "top1": result["top1"], "top5": result["top5"]})
+        log.result({"top1": result["top1"], "top5": result["top5"]})
         log.close()
         if env.is_main:
             _report(folder, protocol, {**result, "world_size": env.world_size}, common)
@@ -126,8 +144,8 @@ def knn(k: int, temperature: float, batch_size: int, **common: Any) -> None:
         raise click.UsageError(str(e)) from None
     result = {**acc, "k": k, "temperature": temperature, "train_images": data.num("train"),
               "test_images": data.num("test"), "seconds": time.perf_counter() - started}
-    log = _runlog(folder, "knn", common, {"k": k, "temperature": temperature})
-    log.log({"step": 0, "top1": acc["top1"], "top5": acc["top5"]})
+    log = _evallog(folder, "knn", common, {"k": k, "temperature": temperature})
+    log.result({"top1": acc["top1"], "top5": acc["top5"]})
     log.close()
     _report(folder, "knn", result, common)
 
@@ -152,6 +170,7 @@ def _setup(common: dict[str, Any], own: bool = True):
 
     if common["limit"] is not None and common["limit"] < 1:
         raise click.UsageError(f"--limit={common['limit']} must be >= 1")
+    _check_wandb(common)
     device = common["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,18 +205,46 @@ def _own(folder: Path) -> None:
     click.get_current_context().with_resource(lock)
 
 
-def _runlog(folder: Path, name: str, common: dict[str, Any], settings: dict[str, Any], enabled: bool = True):
-    """A RunLog (wandb, metrics.jsonl) in folder/eval/<name>, or one that does nothing when wandb is off."""
-    from fastse.engine.logging import RunLog, wandb_mode
+_NAMING = ("wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "wandb_name")  # of an evaluation's own run
 
-    on = enabled and wandb_mode(common["wandb"]) != "disabled"
+
+def _check_wandb(common: dict[str, Any]) -> None:
+    """Bad --wandb-* values (or WANDB_MODE): UsageError (exit 2), before any work."""
+    from types import SimpleNamespace
+
+    from fastse.cli.training import as_flags
+
+    from fastse.engine.logging import check_wandb_settings
+
     try:
-        return RunLog(folder / "eval" / name, {**common, **settings, "eval": name}, wandb=common["wandb"],
-                      project=common["wandb_project"], enabled=on)
+        check_wandb_settings(SimpleNamespace(**{k: common[k] for k in ("wandb", *_NAMING)}))
+    except ValueError as e:
+        raise click.UsageError(as_flags(str(e), _NAMING)) from None
+
+
+def _evallog(folder: Path, kind: str, common: dict[str, Any], settings: dict[str, Any], enabled: bool = True):
+    """The `EvalLog` of result `kind` ("knn", "linear_byol", ...; "_student" added for the student): into
+    the wandb run of a run folder that has one, else a run of its own; metrics.jsonl in folder/eval/<kind>.
+    One that does nothing when wandb is off, and (with a warning) where the folder cannot be written: the
+    result is evaluated all the same."""
+    from fastse.engine.logging import EvalLog, read_wandb_run, wandb_tags
+
+    checkpoint = Path(common["checkpoint"]).expanduser()
+    key = kind + ("_student" if common["which"] == "student" else "")
+    log_dir = folder / "eval" / kind.replace("_", "-", 1)
+    naming = [f"--{f.replace('_', '-')}" for f in _NAMING if common[f] is not None]
+    if enabled and naming and checkpoint.is_dir() and (recorded := read_wandb_run(checkpoint)):
+        click.echo(f"note: the result goes into the run's own wandb run {recorded.get('project')}/{recorded['id']}: "
+                   f"{', '.join(naming)} not used", err=True)
+    try:
+        return EvalLog(key, {**common, **settings, "eval": key}, log_dir=log_dir,
+                       run_folder=checkpoint if checkpoint.is_dir() else None, wandb=common["wandb"],
+                       project=common["wandb_project"], entity=common["wandb_entity"], group=common["wandb_group"],
+                       tags=wandb_tags(common["wandb_tags"]),
+                       name=common["wandb_name"] or f"{checkpoint.stem or checkpoint.name}-{key}", enabled=enabled)
     except OSError as e:  # a read-only folder: evaluate all the same
-        click.echo(f"warning: {folder / 'eval' / name} cannot be written ({e.strerror or e}): no metrics log",
-                   err=True)
-        return RunLog(folder, {}, enabled=False)
+        click.echo(f"warning: {log_dir} cannot be written ({e.strerror or e}): no metrics log", err=True)
+        return EvalLog(key, {}, log_dir=log_dir, enabled=False)
 
 
 def _report(folder: Path, key: str, result: dict[str, Any], common: dict[str, Any]) -> None:

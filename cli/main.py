@@ -11,7 +11,20 @@ from fastse.cli.report import report
 from fastse.cli.semi import semi
 
 
+def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from fastse import __version__
+    from fastse.engine.logging import git_commit
+
+    commit = git_commit()
+    click.echo(f"fastse {__version__}" + (f" (commit {commit})" if commit else ""))
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="Show the version (and the git commit of a source checkout) and exit.")
 def main() -> None:
     """fastse: fast, faithful student-teacher learning (EMA / Spatial Ensemble / STS teachers)."""
 

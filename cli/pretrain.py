@@ -1,6 +1,7 @@
 """`fastse pretrain`: BYOL / MoCo v2 with an EMA, SE or STS teacher; a thin layer over `PretrainConfig`.
 
-Settings come from the preset (if any), then from the flags given. Under torchrun every process
+Settings come from the preset (if any), then from the `--config` file (if any), then from the flags
+given; `--print-config` prints them. Under torchrun every process
 runs this command with the same flags.
 """
 
@@ -22,6 +23,9 @@ CHOICES = {
     "granularity": ("tensor", "channel", "element"),
     "momentum_schedule": ("cosine", "constant"),
 }
+
+
+MONITORS = ("knn_top1", "probe_top1", "none")  # = fastse.config.MONITORS
 
 
 def _choice(name: str) -> click.Choice:
@@ -64,6 +68,12 @@ def _choice(name: str) -> click.Choice:
 @click.option("--knn-every", type=int, help="Epochs between kNN checks of the teacher (0: at the end only).")
 @click.option("--knn-student/--no-knn-student", default=None,
               help="The kNN checks also measure the student's backbone [default: the teacher's only].")
+@click.option("--online-probe/--no-online-probe", default=None,
+              help="A linear head on the teacher's features trained on the labels during pretraining, its test "
+                   "top-1 at every kNN check [default: on where the data has labels and a test split].")
+@click.option("--probe-lr", type=float, help="The online probe's SGD learning rate [default: 0.05].")
+@click.option("--monitor", type=click.Choice(MONITORS),
+              help="best/ holds the checkpoint best by this, measured at the kNN checks [default: knn_top1].")
 @click.option("--log-every", type=int, help="Steps between metrics lines.")
 @click.option("--ckpt-every", type=int, help="Epochs between checkpoints.")
 @click.option("--out", help="Run folder: metrics.jsonl, checkpoints/, backbone.safetensors [default: runs/pretrain].")
@@ -74,14 +84,15 @@ def pretrain(preset: str | None, resume: bool, **flags) -> None:
     from fastse.config import preset as get_preset
     from fastse.engine.trainer import Trainer
 
-    def make_config(given):
-        if not preset:
+    def make_config(given, file_preset=None):
+        name = preset or file_preset
+        if not name:
             return PretrainConfig(**given)
-        base = get_preset(preset)
+        base = get_preset(name)
         if given.get("method", base.method) != base.method:
-            raise ValueError(f"--method {given['method']} contradicts --preset {preset} (a {base.method} "
-                             f"recipe); use --preset {given['method']}-{preset.split('-', 1)[1]}")
+            raise ValueError(f"--method {given['method']} contradicts --preset {name} (a {base.method} "
+                             f"recipe); use --preset {given['method']}-{name.split('-', 1)[1]}")
         return base.replace(**given)
 
     run_training(make_config, lambda config, resume: Trainer(config, resume=resume), flags, resume,
-                 report=("checkpoint", "backbone"))
+                 settings=PretrainConfig, report=("checkpoint", "backbone", "best"))

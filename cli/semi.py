@@ -1,6 +1,7 @@
 """`fastse semi`: FixMatch with an EMA, SE or STS teacher; a thin layer over `SemiConfig`.
 
-Settings come from the preset (if any), then from the flags given. Under torchrun every process
+Settings come from the preset (if any), then from the `--config` file (if any), then from the flags
+given; `--print-config` prints them. Under torchrun every process
 runs this command with the same flags.
 """
 
@@ -59,5 +60,9 @@ def semi(preset: str | None, resume: bool, **flags) -> None:
     from fastse.semi.config import preset as get_preset
     from fastse.semi.trainer import SemiTrainer
 
-    run_training(lambda given: get_preset(preset, **given) if preset else SemiConfig(**given),
-                 lambda config, resume: SemiTrainer(config, resume=resume), flags, resume)
+    def make_config(given, file_preset=None):
+        name = preset or file_preset
+        return get_preset(name, **given) if name else SemiConfig(**given)
+
+    run_training(make_config, lambda config, resume: SemiTrainer(config, resume=resume), flags, resume,
+                 settings=SemiConfig)

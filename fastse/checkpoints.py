@@ -48,7 +48,8 @@ _STEP_DIR = re.compile(r"step-(\d{9,})")
 _GROUP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 __all__ = [
-    "CheckpointError", "check_run_dir", "save_checkpoint", "latest_checkpoint", "load_checkpoint",
+    "CheckpointError", "check_run_dir", "save_checkpoint", "save_best", "best_checkpoint", "latest_checkpoint",
+    "load_checkpoint",
     "optimizer_to_tensors", "optimizer_from_tensors", "rng_state", "set_rng_state", "export_backbone", "load_backbone",
 ]
 
@@ -111,26 +112,13 @@ def save_checkpoint(
         raise ValueError(f"keep={keep}: at least the newest checkpoint must be kept")
     if step < 0:
         raise ValueError(f"step={step} must be >= 0")
-    for name in groups:
-        if not _GROUP.fullmatch(name) or name == "meta":
-            raise ValueError(f"checkpoint group name {name!r}: use letters, digits, '_', '-', '.' (not 'meta')")
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         folder.mkdir(parents=True, exist_ok=True)
         _fsync_dir(folder.parent)
     final = folder / f"step-{step:09d}"
-    tmp = folder / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = _write_temp_checkpoint(folder, final.name, step, groups, meta)
     try:
-        files = {}
-        for name, tensors in groups.items():
-            data = st_save(_cpu_tensors(name, tensors), metadata={"format": FORMAT, "group": name})
-            _write_synced(tmp / f"{name}.safetensors", data)
-            files[f"{name}.safetensors"] = hashlib.sha256(data).hexdigest()
-        info = {**meta, "format": FORMAT, "step": step, "files": files, "fastse_version": fastse.__version__,
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        _write_synced(tmp / META, json.dumps(info, indent=1, default=_json_default).encode())
-        _fsync_dir(tmp)
         if final.exists():
             _discard(final)
         os.rename(tmp, final)
@@ -140,6 +128,88 @@ def save_checkpoint(
     _fsync_dir(folder)
     _prune(folder, keep, final)
     return final
+
+
+def _write_temp_checkpoint(folder: Path, name: str, step: int, groups: dict[str, dict[str, Tensor]], meta: dict,
+                           extra: Any = None) -> Path:
+    """A complete checkpoint (the groups, `meta.json` with their checksums; `extra(tmp)` may add files)
+    in a new hidden temp folder of `folder`, every file and the folder fsynced; its path."""
+    for group in groups:
+        if not _GROUP.fullmatch(group) or group == "meta":
+            raise ValueError(f"checkpoint group name {group!r}: use letters, digits, '_', '-', '.' (not 'meta')")
+    tmp = folder / f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        files = {}
+        for group, tensors in groups.items():
+            data = st_save(_cpu_tensors(group, tensors), metadata={"format": FORMAT, "group": group})
+            _write_synced(tmp / f"{group}.safetensors", data)
+            files[f"{group}.safetensors"] = hashlib.sha256(data).hexdigest()
+        if extra is not None:
+            extra(tmp)
+        info = {**meta, "format": FORMAT, "step": step, "files": files, "fastse_version": fastse.__version__,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        _write_synced(tmp / META, json.dumps(info, indent=1, default=_json_default).encode())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+BEST = "best"  # the run folder's best checkpoint by the monitored metric, beside checkpoints/
+_BEST_OLD = ".best-old"  # the previous best/ during a replacement
+
+
+def save_best(run_dir: str | Path, step: int, groups: dict[str, dict[str, Tensor]], meta: dict, *,
+              backbone: nn.Module | None = None) -> Path:
+    """Write a checkpoint like `save_checkpoint`'s (the same files, checksums and meta.json, whose "best"
+    entry says by what metric and value) as `run_dir/best/`, replacing the previous best, with the teacher's
+    `backbone` exported in it (`backbone.safetensors`, for `fastse knn` / `eval-linear`) when given. Not
+    counted among the last `keep` checkpoints, never pruned. The new folder is complete before the old one
+    moves aside (to `.best-old`) and it moves in; a crash between those two renames is undone by
+    `best_checkpoint`, which moves the old one back."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _restore_best(run_dir)
+    extra = (lambda tmp: export_backbone(tmp, backbone)) if backbone is not None else None
+    tmp = _write_temp_checkpoint(run_dir, BEST, step, groups, meta, extra)
+    final, old = run_dir / BEST, run_dir / _BEST_OLD
+    try:
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _restore_best(run_dir: Path) -> None:
+    if not (run_dir / BEST).exists() and (run_dir / _BEST_OLD).is_dir():
+        os.rename(run_dir / _BEST_OLD, run_dir / BEST)
+
+
+def best_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
+    """(folder, meta) of the run folder's `best/` checkpoint, its files' checksums verified, or None
+    where there is none (or it is damaged: a warning)."""
+    run_dir = Path(run_dir)
+    try:
+        _restore_best(run_dir)
+        path = run_dir / BEST
+        if not path.is_dir():
+            return None
+        meta = _read_meta(path)
+        for name, digest in meta["files"].items():
+            _read_verified(path / name, digest)
+        return path, meta
+    except (CheckpointError, OSError) as e:
+        log.warning("ignoring the best checkpoint of %s: %s", run_dir, e)
+        return None
 
 
 def check_run_dir(run_dir: str | Path, checkpoint_bytes: int, *, keep: int = 1) -> None:

@@ -7,11 +7,13 @@ settings differ only in the seed (and in bookkeeping: paths, logging, devices) f
 the table, one line of the plot (mean across seeds, shaded from the lowest to the highest seed). Rows
 are labelled by what differs between the groups of a table, e.g. `ema` vs `sts p=0.7 tensor`.
 
-Pretraining tables (one per method) give the teacher's kNN top-1 at the last step and the top-1 of every
+Pretraining tables (one per method) give the teacher's kNN top-1 at the last step (and the online probe's,
+where the runs had one) and the top-1 of every
 eval.json kind, its headline result (`fastse.results`: the newest of the teacher on all the data; the
 run's other results, of the student or of a --limit subset, are listed with the run, marked); FixMatch
 tables the smoothed model's (teacher's) test top-1, the median of its last 20 evaluations (FixMatch's
-figure) and the last one, and the student's median. Accuracies are in %.
+figure) and the last one, and the student's median. Accuracies are in %. Each table's plot shows the
+accuracy curve and, under it, the teacher's momentum, updated fraction and distance to the student.
 Rows of another teacher rule compare their main figure with the EMA row of the same settings (difference
 ± standard error, inside or beyond the noise) and say what the paper claims and whether the row agrees.
 Nothing here imports torch; matplotlib is imported (Agg, no pyplot) only to draw the plots.
@@ -35,7 +37,8 @@ TEACHER = ("smoothing", "keep_prob", "granularity")
 # settings that do not change what is trained or measured: runs differing only in these (and the seed) are seeds
 BOOKKEEPING = frozenset({
     "seed", "split_seed", "out", "data", "cache_dir", "device", "loader", "compile", "channels_last", "deterministic",
-    "max_steps", "wandb", "wandb_project", "log_every", "knn_every", "ckpt_every", "keep_ckpts"})
+    "max_steps", "wandb", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "wandb_name", "log_every",
+    "knn_every", "ckpt_every", "keep_ckpts", "online_probe", "probe_lr", "monitor"})
 # the settings a table states when all its rows share them
 SHARED = {
     "pretrain": ("arch", "dataset", "image_size", "limit", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
@@ -50,6 +53,9 @@ CLAIMS = {"sts": "above EMA", "se": "level with EMA"}
 CLAIMED_FIGURES = {("sts", "byol"): " (+0.9 ImageNet linear)", ("sts", "fixmatch"): " (~+6, few labels)"}
 METHOD_NAMES = {"byol": "BYOL pretraining", "mocov2": "MoCo v2 pretraining", "fixmatch": "FixMatch"}
 EVAL_NAMES = {"knn": "kNN top-1 (fastse knn)"}  # other eval.json kinds are linear protocols
+# the teacher's statistics at every metrics line, plotted under the accuracy: key -> axis label
+TEACHER_STATS = {"momentum": "teacher momentum", "updated_fraction": "updated fraction",
+                 "distance": "distance ‖ξ − θ‖ / ‖θ‖"}
 
 
 class ReportError(ValueError):
@@ -126,13 +132,15 @@ class Run:
         spe = self.steps_per_epoch
         return spe is not None and any(s >= round(planned * spe) for s in self.series("knn_top1"))
 
-    def curve(self) -> tuple[list[float], list[float]]:
-        """The plotted accuracy: kNN top-1 by epoch (pretraining) or teacher top-1 by step (FixMatch)."""
+    def curve(self, key: str | None = None) -> tuple[list[float], list[float]]:
+        """The plotted accuracy: kNN top-1 by epoch (pretraining) or teacher top-1 by step (FixMatch); with
+        `key`, that metric (e.g. a `TEACHER_STATS` one) on the same axis."""
+        key = key or ("teacher_acc" if self.kind == "semi" else "knn_top1")
+        s = self.series(key)
         if self.kind == "semi":
-            s = self.series("teacher_acc")
-            return list(map(float, s)), [m["teacher_acc"] for m in s.values()]
-        s = self.series("knn_top1")
-        return [m["epoch"] for m in s.values()], [m["knn_top1"] for m in s.values()]
+            return list(map(float, s)), [m[key] for m in s.values()]
+        s = {step: m for step, m in s.items() if isinstance(m.get("epoch"), (int, float))}
+        return [m["epoch"] for m in s.values()], [m[key] for m in s.values()]
 
     def values(self) -> dict[str, float]:
         """Column key -> this run's figure (absent where the run has none)."""
@@ -146,6 +154,8 @@ class Run:
             return out
         if knn := self.series("knn_top1"):
             out["knn_top1"] = list(knn.values())[-1]["knn_top1"]
+        if probe := self.series("probe_top1"):
+            out["probe_top1"] = list(probe.values())[-1]["probe_top1"]
         for key, entry in self.evals.items():
             if isinstance(entry, dict) and isinstance(entry.get("top1"), (int, float)):
                 out[f"eval:{key}"] = entry["top1"]
@@ -217,11 +227,11 @@ class Group:
             return None
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
 
-    def curve(self) -> tuple[list[float], list[float], list[float], list[float]]:
-        """(x, mean, min, max) across the runs at every x where any run has a value."""
+    def curve(self, key: str | None = None) -> tuple[list[float], list[float], list[float], list[float]]:
+        """(x, mean, min, max) across the runs at every x where any run has a value (of `key`: `Run.curve`)."""
         at: dict[float, list[float]] = {}
         for run in self.runs:
-            for x, y in zip(*run.curve()):
+            for x, y in zip(*run.curve(key)):
                 at.setdefault(x, []).append(y)
         xs = sorted(at)
         return xs, [statistics.fmean(at[x]) for x in xs], [min(at[x]) for x in xs], [max(at[x]) for x in xs]
@@ -255,7 +265,9 @@ class Table:
             return [("teacher_median", f"teacher top-1 {median}"), ("teacher_last", "teacher top-1 (last)"),
                     ("student_median", f"student top-1 {median}")]
         evals = sorted({k for g in self.groups for r in g.runs for k in r.values() if k.startswith("eval:")})
-        return [("knn_top1", "kNN top-1")] + [(k, eval_name(k[5:])) for k in evals]
+        probe = [("probe_top1", "online probe top-1")] * any("probe_top1" in r.values() for g in self.groups
+                                                              for r in g.runs)
+        return [("knn_top1", "kNN top-1"), *probe] + [(k, eval_name(k[5:])) for k in evals]
 
     def baseline(self, group: Group) -> Group | None:
         """The EMA group with the same settings as `group` but the teacher rule (None for EMA rows)."""
@@ -448,22 +460,37 @@ def markdown(tables: list[Table], title: str, images: dict[str, str] | None = No
 
 def plot(table: Table, path: str | Path) -> Path:
     """Draw `table`'s main accuracy curve (kNN top-1 by epoch, or teacher top-1 by step), one line per
-    group (the mean across seeds) with its lowest-to-highest band, into the PNG file `path`."""
+    group (the mean across seeds) with its lowest-to-highest band, into the PNG file `path`; below it, where
+    the runs logged them, the teacher's momentum, updated fraction and distance to the student
+    (`TEACHER_STATS`, at every metrics line) on the same axis, one panel each."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2), dpi=120)
+    stats = [k for k in TEACHER_STATS if any(g.curve(k)[0] for g in table.groups)]
+    fig = Figure(figsize=(7, 6.6 if stats else 4.2), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for g in table.groups:
+    grid = fig.add_gridspec(2 if stats else 1, max(len(stats), 1), height_ratios=[2.2, 1] if stats else None)
+    ax = fig.add_subplot(grid[0, :])
+    semi = table.kind == "semi"
+    for i, key in enumerate(stats):
+        panel = fig.add_subplot(grid[1, i])
+        for j, g in enumerate(table.groups):  # colour j: the group's colour in every panel
+            xs, mean, low, high = g.curve(key)
+            panel.plot(xs, mean, linewidth=1, color=f"C{j}")
+            if len(g.runs) > 1:
+                panel.fill_between(xs, low, high, color=f"C{j}", alpha=0.2, linewidth=0)
+        panel.set_xlabel("step" if semi else "epoch", fontsize=8)
+        panel.set_title(TEACHER_STATS[key], fontsize=8)
+        panel.tick_params(labelsize=7)
+        panel.grid(alpha=0.3)
+    for j, g in enumerate(table.groups):
         xs, mean, low, high = g.curve()
         if not xs:
             continue
-        (line,) = ax.plot(xs, mean, marker="o" if len(xs) < 30 else None, markersize=3,
-                          label=f"{g.label} (n={len(g.runs)})")
+        ax.plot(xs, mean, marker="o" if len(xs) < 30 else None, markersize=3, color=f"C{j}",
+                label=f"{g.label} (n={len(g.runs)})")
         if len(g.runs) > 1:
-            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    semi = table.kind == "semi"
+            ax.fill_between(xs, low, high, color=f"C{j}", alpha=0.2, linewidth=0)
     ax.set_xlabel("step" if semi else "epoch")
     ax.set_ylabel("teacher test top-1 (%)" if semi else "teacher kNN top-1 (%)")
     ax.set_title(f"{table.title}: mean over seeds, band from lowest to highest", fontsize=10)

@@ -358,12 +358,15 @@ def _device_id(device: str | torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def default_threads() -> int:
-    """DALI CPU threads for one process: the cores this process may use, shared by the processes of
-    its node (torchrun's LOCAL_WORLD_SIZE), one left for the training loop; 1 to 16."""
+def default_threads(gpu: bool = False) -> int:
+    """DALI CPU threads for one process, from the cores this process may use shared by the processes of
+    its node (torchrun's LOCAL_WORLD_SIZE). CPU mode decodes everything on them: all but one (for the
+    training loop), up to 16. GPU mode decodes mostly on the GPU: half, up to 8 (more threads slowed
+    the step: BYOL R50 on an H200 with 16 cores fed at 0.87 of its GPU-bound speed with 4 or 8 threads,
+    0.82 with 12 or 15; docs/BENCHMARKS.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(16, cores // local - 1))
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_process // 2)) if gpu else max(1, min(16, per_process - 1))
 
 
 class DaliLoader:
@@ -385,11 +388,12 @@ class DaliLoader:
     files: image paths, or an ImageFolderIndex (then `labels` may be None). indices: restrict to
     those positions of `files` (e.g. a labelled split). fused_decode: each view that starts with
     random_resized_crop decodes just its window (`image_slice`) instead of sharing one full decode;
-    default: fused for single-view recipes only. return_params: yield `(views, labels, params)`,
+    default: fused for single-view recipes in CPU mode (on a GPU, one full decode, which the hardware
+    decoder takes, fed the linear protocol faster: docs/BENCHMARKS.md). return_params: yield `(views, labels, params)`,
     params a tuple (per view) of {decision: float32 [B] CPU tensor} (`decisions.draw_batch`'s
     values: hflip, color_jitter, grayscale, solarize, gaussian_blur where p < 1: 1 applied / 0 not;
     jitter factors; translate_y/x px; randaugment{slot}: pool index or -1; cutout_y/x centre px; ...).
-    num_threads: DALI's CPU threads (default `default_threads()`); reader_threads: file-reading threads.
+    num_threads: DALI's CPU threads (default `default_threads(gpu)`); reader_threads: file-reading threads.
     stream_priority: CUDA priority of DALI's streams (lower runs first; PyTorch's streams have 0, the
     range is `torch.cuda.Stream.priority_range()`); None keeps DALI's default. hw_decoder_load: the
     share of JPEGs sent to the GPU's hardware decoder (where it has one); None keeps DALI's default.
@@ -442,8 +446,9 @@ class DaliLoader:
         self.recipe, self.batch_size, self.seed = recipe, batch_size, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.dtype, self.channels_last, self.return_params = dtype, channels_last, return_params
-        self.fused_decode = len(recipe.views) == 1 if fused_decode is None else fused_decode
-        self.num_threads, self.prefetch = num_threads or default_threads(), prefetch
+        gpu = self.device_id is not None
+        self.fused_decode = len(recipe.views) == 1 and not gpu if fused_decode is None else fused_decode
+        self.num_threads, self.prefetch = num_threads or default_threads(gpu), prefetch
         self.stream_priority, self.hw_decoder_load = stream_priority, hw_decoder_load
         self.sizes = None if sizes is None else np.asarray(sizes)
         self._size_hint = None if sizes is None or not len(sizes) else np.percentile(sizes, 99, axis=0).astype(int)

@@ -556,3 +556,14 @@ def test_gpu_tensors_are_owned(cifar):
         next(it)
     torch.cuda.synchronize()
     assert all(torch.equal(v, k) for v, k in zip(views, kept))
+
+
+@pytest.mark.parametrize("cores, local, cpu_mode, gpu_mode", [(16, 1, 15, 8), (128, 8, 15, 8), (64, 8, 7, 4),
+                                                                (2, 1, 1, 1), (256, 1, 16, 8)])
+def test_default_threads_share_the_node(monkeypatch, cores, local, cpu_mode, gpu_mode):
+    """CPU mode decodes on every core of this process's share but one; GPU mode, where the GPU decodes, on
+    half of them (at most 8); the share is the node's cores over its processes (LOCAL_WORLD_SIZE)."""
+    monkeypatch.setattr(dali_backend.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    assert dali_backend.default_threads() == cpu_mode
+    assert dali_backend.default_threads(gpu=True) == gpu_mode

@@ -21,7 +21,7 @@ def test_both_commands_write_eval_json(tiny_run, tiny_cifar):
             "--cache-dir", str(tiny_run.parent / "cache")]
     fast = run("eval-linear", *data, "--protocol", "fast", "--epochs", "3", "--batch-size", "50", "--copies", "1")
     assert fast.exit_code == 0, fast.output
-    assert "epoch 3/3: loss" in fast.output and "fast: top-1" in fast.output
+    assert "linear fast: epoch 3/3 | loss" in fast.output and "fast: top-1" in fast.output
     byol = run("eval-linear", *data, "--epochs", "1", "--batch-size", "25", "--limit", "50", "--which", "student")
     assert byol.exit_code == 0, byol.output
     knn = run("knn", *data, "--k", "20")

@@ -148,8 +148,8 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_cifar, tmp_path):
     train(small(tiny_cifar, tmp_path / "b", **common), resume=True)
     (ga, ma), (gb, mb) = (load_checkpoint(latest_checkpoint(tmp_path / r)) for r in "ab")
     assert ma["step"] == mb["step"] == 20 and ma["smoother"] == mb["smoother"]
-    assert ga.keys() == gb.keys() == {"student", "teacher", "optimizer", "queue", "rng"}
-    for group in ("student", "teacher", "optimizer", "queue"):
+    assert ga.keys() == gb.keys() == {"student", "teacher", "optimizer", "queue", "rng", "probe"}  # online probe
+    for group in ("student", "teacher", "optimizer", "queue", "probe"):
         assert ga[group].keys() == gb[group].keys()
         different = [k for k in ga[group] if not torch.equal(ga[group][k], gb[group][k])]
         assert not different, f"{group}: {different[:3]}"

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from fastse import checkpoints as ckpt
 from fastse.engine import distributed as ddp
-from fastse.engine import runs
+from fastse.engine import progress, runs
 from fastse.engine.watchdog import StopWatchdog
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
@@ -145,14 +145,15 @@ class RunTrainer:
         self.optimizer.step()
         self.smoother.step(momentum=momentum)
 
-    def _write_checkpoint(self, model: nn.Module, extra_groups: Callable[[], dict[str, Any]] = dict,
-                          **meta: Any) -> str:
+    def _write_checkpoint(self, model: nn.Module, extra_groups: Callable[[], dict[str, Any]] = dict, *,
+                          best: dict[str, Any] | None = None, backbone: nn.Module | None = None, **meta: Any) -> str:
         """Checkpoint the current step: `model`'s `student` and `teacher`, the optimizer, the RNG states,
         `extra_groups()` and the smoother's state, config and `meta` in the metadata; the path ("" on
         ranks other than 0). Rank 0 writes; every rank first takes rank 0's buffers (BN statistics, which
         each rank accumulates from its own batches), so all hold the saved state. Nothing is written unless
         the losses since the last check were finite, the state to save is finite and the ranks' teachers
-        agree (else TrainingError on every rank)."""
+        agree (else TrainingError on every rank). With `best` ({"metric", "value", ...}: every rank calls
+        alike) the checkpoint is the run's best/ instead (`checkpoints.save_best`, `backbone` exported in it)."""
         ddp.broadcast_buffers(model)
         self._checked(lambda: runs.check_before_save(self.losses, model.state_dict(), model.teacher, step=self.step))
         path = ""
@@ -162,7 +163,10 @@ class RunTrainer:
                       "optimizer": opt_tensors, "rng": ckpt.rng_state(), **extra_groups()}
             meta = {"config": self.config.to_dict(), "step": self.step, "world_size": self.env.world_size,
                     "smoother": self.smoother.state_dict(), "optimizer_layout": opt_layout, **meta}
-            path = str(runs.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
+            if best is not None:
+                path = str(runs.save_best(self.out, self.step, groups, {**meta, "best": best}, backbone=backbone))
+            else:
+                path = str(runs.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
         ddp.barrier()
         return path
 
@@ -223,8 +227,16 @@ class RunTrainer:
         return seconds
 
     def print(self, text: str) -> None:
+        """One line on the main process (above the progress bar, where there is one)."""
         if self.env.is_main:
-            print(text, flush=True)
+            progress.echo(text)
+
+    def progress_bar(self, unit: str = "step") -> progress.Progress:
+        """The live bar of the run (rank 0, on a terminal) from the current step to `stop_step`; enter it
+        around the loop and `update()` it every step. Elsewhere it draws nothing: the log lines are the
+        progress."""
+        return progress.Progress(self.stop_step, initial=self.step, unit=unit, enabled=self.env.is_main,
+                                 desc=self.out.name)
 
     def _checked(self, check: Callable[[], Any]) -> Any:
         """`check()`, its failure a TrainingError naming the step, the checkpoint kept and what to do."""

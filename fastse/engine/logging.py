@@ -1,6 +1,11 @@
 """Run output: `metrics.jsonl` in the run folder, a one-line progress print, and wandb (imported lazily);
 `run.json` records the config and, for every start of the run, where and from what code it ran.
 
+wandb follows its own environment (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_DIR, WANDB_API_KEY), which
+the settings given (`--wandb*` flags) override. A run folder's wandb run id is kept in `wandb_run.json`: a
+resumed run continues that wandb run (`resume="allow"`, steps always increasing) and the evaluation
+commands write their results into it (`EvalLog`). docs/WANDB.md says what is logged where.
+
 Only rank 0 writes; on the other ranks a `RunLog` is built with `enabled=False` and does nothing.
 """
 
@@ -23,11 +28,25 @@ from fastse.atomic import write_atomic
 log = logging.getLogger("fastse")
 
 
+WANDB_RUN = "wandb_run.json"  # in the run folder: the wandb run's id, project and entity, the last step logged
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+              "disabled": "disabled"}  # WANDB_MODE values wandb accepts
+_BAD_NAME_CHARS = "/\\#?%:"  # not allowed in wandb project and entity names
+
+
 def wandb_mode(mode: str) -> str:
-    """`auto` -> "online" where wandb credentials are configured (WANDB_API_KEY, or an api.wandb.ai
-    entry in the netrc file), else "offline"; other modes as given."""
+    """`auto` -> WANDB_MODE where set (WANDB_DISABLED=true: "disabled"), else "online" where wandb
+    credentials are configured (WANDB_API_KEY, or an api.wandb.ai entry in the netrc file), else
+    "offline"; other modes as given. An unknown WANDB_MODE raises ValueError."""
     if mode != "auto":
         return mode
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env:
+        if env not in _ENV_MODES:
+            raise ValueError(f"WANDB_MODE={os.environ['WANDB_MODE']!r} is not one of online, offline, disabled")
+        return _ENV_MODES[env]
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
+        return "disabled"
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
@@ -37,22 +56,127 @@ def wandb_mode(mode: str) -> str:
         return "offline"
 
 
+def wandb_tags(tags: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
+    """Tags from a comma-separated string (the flag) or a list (a config file); None when not given."""
+    if tags is None:
+        return None
+    items = tags.split(",") if isinstance(tags, str) else list(tags)
+    return [str(t).strip() for t in items]
+
+
+def check_wandb_settings(config: Any) -> None:
+    """Raise ValueError with one line for a wandb setting of `config` (a run config's `wandb_*` fields)
+    or a WANDB_MODE that wandb would refuse."""
+    wandb_mode(getattr(config, "wandb", "auto"))
+    for field in ("wandb_project", "wandb_entity", "wandb_group", "wandb_name"):
+        value = getattr(config, field, None)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip() or len(value) > 128:
+            raise ValueError(f"{field}={value!r} must be a name of 1 to 128 characters")
+        if field in ("wandb_project", "wandb_entity") and (bad := set(value) & set(_BAD_NAME_CHARS)):
+            raise ValueError(f"{field}={value!r}: a wandb {field[6:]} name cannot hold {' '.join(sorted(bad))}")
+    tags = getattr(config, "wandb_tags", None)
+    if tags is not None and not isinstance(tags, (str, list, tuple)):
+        raise ValueError(f"wandb_tags={tags!r} must be comma-separated tags")
+    for tag in wandb_tags(tags) or ():
+        if not 1 <= len(tag) <= 64:
+            raise ValueError(f"wandb_tags={tags!r}: every tag must have 1 to 64 characters")
+
+
+def wandb_options(config: Any, job_type: str) -> dict[str, Any]:
+    """The keyword arguments of `RunLog` for the wandb settings of a run config, and the run's `job_type`."""
+    get = lambda name: getattr(config, name, None)
+    return {"wandb": get("wandb") or "auto", "project": get("wandb_project"), "entity": get("wandb_entity"),
+            "group": get("wandb_group"), "tags": wandb_tags(get("wandb_tags")), "name": get("wandb_name"),
+            "job_type": job_type}
+
+
+def read_wandb_run(folder: str | Path) -> dict[str, Any] | None:
+    """The wandb run recorded in the run folder `folder` ({"id", "project", "entity", "step", ...}), or None."""
+    try:
+        info = json.loads((Path(folder) / WANDB_RUN).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("id"), str) and info["id"] else None
+
+
+def _write_wandb_run(folder: Path, info: dict[str, Any]) -> None:
+    write_atomic(folder / WANDB_RUN, json.dumps(info, indent=1) + "\n")
+
+
+def _last_step(path: Path) -> int:
+    """The largest "step" in the JSON-lines file `path` (0 when it has none)."""
+    last = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    step = json.loads(line).get("step")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(step, int) and step > last:
+                    last = step
+    except OSError:
+        pass
+    return last
+
+
+def _new_run_id() -> str:
+    """A wandb run id: 8 lowercase letters and digits, as wandb makes them."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _wandb_dir(default: Path) -> str:
+    """Where wandb writes its files (in a wandb/ folder there): WANDB_DIR where set, else `default`. Read
+    here, not left to wandb, which reads its environment once per process."""
+    return os.environ.get("WANDB_DIR") or str(default)
+
+
+def _version_config() -> dict[str, Any]:
+    import fastse
+
+    return {"fastse_version": fastse.__version__, "git_commit": git_commit()}
+
+
+def _define_metrics(run: Any) -> None:
+    """kNN, probe and linear accuracy (the monitor's, the best so far and the evaluation commands') against
+    pretraining epochs."""
+    run.define_metric("epoch")
+    for pattern in ("knn_*", "probe_*", "best_*", "eval/*"):
+        run.define_metric(pattern, step_metric="epoch")
+
+
 class RunLog:
     """Appends one JSON object per `log` call to `run_dir/metrics.jsonl` and sends it to wandb (mode
-    online | offline | disabled | auto) with the config. Each line also gets `wall_s`, the seconds since
-    this RunLog opened (this process's start of the run, compilation included; a resumed run counts from its
-    resume, and run.json lists every start). A run that starts at step `resume_step` (its
-    checkpoint's; 0 for a fresh start) continues the file without the lines of later steps, which the
-    previous attempt wrote before it stopped and this one writes again (see `truncate_metrics`)."""
+    online | offline | disabled | auto, see `wandb_mode`) with the config, the fastse version and the git
+    commit. Each line also gets `wall_s`, the seconds since this RunLog opened (this process's start of the
+    run, compilation included; a resumed run counts from its resume, and run.json lists every start). A run
+    that starts at step `resume_step` (its checkpoint's; 0 for a fresh start) continues the file without the
+    lines of later steps, which the previous attempt wrote before it stopped and this one writes again (see
+    `truncate_metrics`).
+
+    wandb: `project` (else WANDB_PROJECT, else "fastse"), `entity` (else WANDB_ENTITY), `group`, `tags`,
+    `name` (else the run folder's name) and `job_type` go to `wandb.init`; its files go under WANDB_DIR, else
+    the run folder. A fresh start records the new run's id in `run_dir/wandb_run.json`; a resumed one
+    (`resume_step` > 0) continues that run (its project and entity unless given) and sends only the steps
+    after the last one the run has (metrics.jsonl, evaluations), so wandb's steps always increase."""
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], *, wandb: str = "auto",
-                 project: str = "fastse", enabled: bool = True, resume_step: int | None = None):
-        self.enabled, self.run, self.opened = enabled, None, time.monotonic()
+                 project: str | None = None, entity: str | None = None, group: str | None = None,
+                 tags: list[str] | None = None, name: str | None = None, job_type: str | None = None,
+                 enabled: bool = True, resume_step: int | None = None):
+        # wandb has the steps up to `wandb_after` (-1: none; a resumed run: those its previous attempts sent)
+        self.enabled, self.run, self.opened, self.wandb_after = enabled, None, time.monotonic(), -1
         if not enabled:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record_start(self.path.parent, config)
+        last = _last_step(self.path) if resume_step else 0  # what the previous attempts sent to wandb
         if resume_step is not None and self.path.exists():
             truncate_metrics(self.path, resume_step)
         self.file = open(self.path, "a", buffering=1)  # line-buffered; closed in close()
@@ -63,7 +187,22 @@ class RunLog:
             except ImportError:
                 log.warning("wandb is not installed: metrics go to %s only", self.path)
                 return
-            self.run = wb.init(project=project, config=config, dir=str(run_dir), mode=mode, name=Path(run_dir).name)
+            folder = self.path.parent
+            recorded = read_wandb_run(folder) if resume_step else None
+            run_id = recorded["id"] if recorded else _new_run_id()
+            if recorded:
+                self.wandb_after = max(last, int(recorded.get("step") or 0))
+            was = recorded or {}  # a resumed run keeps its project, entity and name unless given
+            project = project or was.get("project") or os.environ.get("WANDB_PROJECT") or "fastse"
+            entity = entity or was.get("entity") or os.environ.get("WANDB_ENTITY") or None
+            name = name or was.get("name") or folder.name
+            self.run = wb.init(project=project, entity=entity, group=group, tags=tags, name=name, job_type=job_type,
+                               id=run_id, resume="allow", dir=_wandb_dir(folder), mode=mode,
+                               config={**config, **_version_config()})
+            _define_metrics(self.run)
+            _write_wandb_run(folder, {"id": run_id, "project": project, "entity": entity or self.run.entity or None,
+                                      "name": name, "group": group or was.get("group"), "mode": mode,
+                                      "step": max(self.wandb_after, 0)})
 
     def log(self, metrics: dict[str, Any]) -> None:
         """Record `metrics` (must hold "step") and `wall_s`; non-finite floats are written as null."""
@@ -72,12 +211,22 @@ class RunLog:
         metrics = {**metrics, "wall_s": round(time.monotonic() - self.opened, 2)}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self.file.write(json.dumps(clean) + "\n")
-        if self.run is not None:
+        if self.run is not None and int(metrics["step"]) > self.wandb_after:
             self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
+
+    def image(self, key: str, path: str | Path, *, step: int, caption: str = "") -> None:
+        """Send the picture file `path` to wandb as the image `key` at `step` (wandb.Image; not in
+        metrics.jsonl: the file is in the run folder). Nothing where wandb does not log or has that step."""
+        if self.enabled and self.run is not None and step >= getattr(self, "wandb_after", 0):
+            import wandb as wb
+
+            self.run.log({key: wb.Image(str(path), caption=caption or None)}, step=step)
 
     def print(self, text: str) -> None:
         if self.enabled:
-            print(text, flush=True)
+            from fastse.engine.progress import echo
+
+            echo(text)
 
     def close(self) -> None:
         if not self.enabled:
@@ -86,6 +235,123 @@ class RunLog:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+class EvalLog:
+    """Where `fastse knn` and `fastse eval-linear` send a result `key` ("knn", "linear_fast", ...). On a run
+    folder with a wandb run (`wandb_run.json`): into that run, continued (its project and entity): the
+    top-1/top-5 in its summary and in one history row, after the run's last step, at the epoch the run
+    reached ("eval/<key>_top1" against "epoch", beside the kNN monitor), and the evaluation's own curve
+    (`epoch`) as a chart. Otherwise in a run of its own (job_type "eval"; `project`, `entity`, `group`,
+    `tags`, `name` as for `RunLog`) whose steps are the evaluation's epochs. Either way `log_dir/run.json`
+    and one JSON line per call in `log_dir/metrics.jsonl`. Nothing at all when wandb is disabled or
+    `enabled` is False."""
+
+    def __init__(self, key: str, config: dict[str, Any], *, log_dir: Path, run_folder: Path | None = None,
+                 wandb: str = "auto", project: str | None = None, entity: str | None = None, group: str | None = None,
+                 tags: list[str] | None = None, name: str | None = None, enabled: bool = True):
+        self.key, self.run, self.rows, self.target = key, None, [], None
+        self.enabled = enabled and wandb_mode(wandb) != "disabled"
+        if not self.enabled:
+            return
+        log_dir.mkdir(parents=True, exist_ok=True)  # OSError (a read-only folder): the caller goes on without
+        record_start(log_dir, config)  # run.json: what was evaluated, how ("eval": key), from what code
+        self.file = open(log_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            import wandb as wb
+        except ImportError:
+            log.warning("wandb is not installed: %s goes to %s only", key, log_dir / "metrics.jsonl")
+            return
+        self.wb, mode = wb, wandb_mode(wandb)
+        recorded = read_wandb_run(run_folder) if run_folder is not None else None
+        config = {**config, **_version_config()}
+        try:  # the result matters more than its dashboard: wandb's failures (files, network) are warnings
+            if recorded:
+                (run_folder / "wandb").mkdir(exist_ok=True)
+                self.target, self.recorded = run_folder, recorded
+                self.step = max(_last_step(run_folder / "metrics.jsonl"), int(recorded.get("step") or 0)) + 1
+                self.run_epoch = _run_epoch(run_folder)
+                self.run = wb.init(id=recorded["id"], resume="allow", project=recorded.get("project"),
+                                   entity=recorded.get("entity"), dir=_wandb_dir(run_folder), mode=mode,
+                                   config={f"eval/{key}": config})
+                _define_metrics(self.run)
+            else:
+                self.run = wb.init(project=project or os.environ.get("WANDB_PROJECT") or "fastse", entity=entity,
+                                   group=group, tags=tags, name=name, job_type="eval", dir=_wandb_dir(log_dir),
+                                   mode=mode, config=config)
+                self.run.define_metric("epoch")
+                self.run.define_metric("*", step_metric="epoch")
+        except Exception as e:
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            log.warning("wandb did not start (%s): %s goes to %s only", reason, key, log_dir / "metrics.jsonl")
+            self.run = None
+
+    def epoch(self, metrics: dict[str, Any]) -> None:
+        """A point of the evaluation's own curve: {"epoch": e, "train_loss": ..., "test_top1": ...}."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.rows.append(metrics)
+        if self.run is not None and self.target is None:
+            self.run.log(dict(metrics), step=int(metrics["epoch"]))
+
+    def result(self, metrics: dict[str, Any]) -> None:
+        """The final result ({"top1", "top5", ...}): summary, history row and chart."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"result": True, **metrics}) + "\n")
+        if self.run is None:
+            return
+        if self.target is None:
+            last = int(self.rows[-1]["epoch"]) if self.rows else 0
+            self.run.log({"top1": metrics["top1"], "top5": metrics["top5"], "epoch": last}, step=last)
+            self.run.summary.update(metrics)
+            return
+        scores = {f"eval/{self.key}_{k}": metrics[k] for k in ("top1", "top5")}
+        row: dict[str, Any] = {**scores, "epoch": self.run_epoch}
+        curve = [m for m in self.rows if "test_top1" in m] or self.rows
+        if curve:
+            y = "test_top1" if "test_top1" in curve[0] else "train_loss"
+            table = self.wb.Table(columns=["epoch", y], data=[[m["epoch"], m[y]] for m in curve])
+            row[f"eval/{self.key}_curve"] = self.wb.plot.line(table, "epoch", y, title=f"{self.key}: {y} by epoch")
+        self.run.log(row, step=self.step)
+        self.run.summary.update(scores)
+        _write_wandb_run(self.target, {**self.recorded, "step": self.step})
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _run_epoch(folder: Path) -> float | None:
+    """The epoch of the run folder's newest checkpoint (what an evaluation of the folder measures), else
+    the last epoch in its metrics.jsonl, else None."""
+    from fastse.checkpoints import META, latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(folder, verify=False)
+        if latest is not None:
+            epoch = json.loads((latest / META).read_text()).get("epoch")
+            if isinstance(epoch, (int, float)):
+                return epoch
+    except (OSError, ValueError):
+        pass
+    epoch = None
+    try:
+        with open(folder / "metrics.jsonl") as f:
+            for line in f:
+                try:
+                    value = json.loads(line).get("epoch")
+                except (ValueError, AttributeError):
+                    continue
+                epoch = value if isinstance(value, (int, float)) else epoch
+    except OSError:
+        pass
+    return epoch
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -130,12 +396,13 @@ def record_start(run_dir: Path, config: dict[str, Any]) -> None:
     else:
         device = "cpu"
     starts.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
-                   "commit": _commit(), "device": device, "torch": torch.__version__})
+                   "commit": git_commit(), "device": device, "torch": torch.__version__})
     write_atomic(path, json.dumps({"config": config, "starts": starts}, indent=1, default=str) + "\n")
 
 
-def _commit() -> str | None:
-    """FASTSE_COMMIT, else the checkout's HEAD (+ "-dirty" with uncommitted changes to tracked files)."""
+def git_commit() -> str | None:
+    """FASTSE_COMMIT, else the checkout's HEAD (+ "-dirty" with uncommitted changes to tracked files); None
+    outside a git checkout."""
     if os.environ.get("FASTSE_COMMIT"):
         return os.environ["FASTSE_COMMIT"]
     repo = Path(__file__).resolve().parents[2]

@@ -260,3 +260,14 @@ def save_checkpoint(out: Path, step: int, groups: dict[str, dict[str, Tensor]], 
         latest = ckpt.latest_checkpoint(out, verify=False)
         raise TrainingError(f"step {step}: the checkpoint could not be written ({e}); the newest checkpoint, "
                             f"{latest}, is kept: make room and continue with --resume") from e
+
+
+def save_best(out: Path, step: int, groups: dict[str, dict[str, Tensor]], meta: dict, *,
+              backbone: nn.Module | None = None) -> Path:
+    """`checkpoints.save_best` (the run folder's best/), whose failure to write is a TrainingError naming the
+    step, as for `save_checkpoint`."""
+    try:
+        return ckpt.save_best(out, step, groups, meta, backbone=backbone)
+    except OSError as e:
+        raise TrainingError(f"step {step}: the best checkpoint could not be written to {out / ckpt.BEST} ({e}): "
+                            "make room and continue with --resume") from e

@@ -6,7 +6,10 @@ update, momentum per step). The loss is summed on the device; the host reads it,
 statistics, only every `log_every` steps. Every `ckpt_every` epochs and at the end rank 0 writes a
 checkpoint (student, teacher, optimizer, queue, RNG, smoother); `resume=True` continues from the
 newest one exactly where it stopped (bit-identically on CPU with `deterministic`). At the end the
-teacher's backbone is exported to `backbone.safetensors` and measured by the kNN monitor.
+teacher's backbone is exported to `backbone.safetensors` and measured by the kNN monitor. Beside the step:
+the first batch's views go to `views.png` (`engine.preview`); the online probe (`engine.probe`) trains on
+the teacher features the step computed and is measured at every kNN check; the check's `monitor` metric,
+where it is the best so far, makes that step the run's `best/` checkpoint.
 
 Faults (the checks are shared with `fastse.semi`: `engine.runs`). Before joining the process group
 or touching a GPU, every rank checks the settings, that a resumed folder holds a run of the same
@@ -26,6 +29,7 @@ the steps after its checkpoint, which are written again.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -37,18 +41,20 @@ from torch import Tensor
 from fastse import checkpoints as ckpt
 from fastse.config import PretrainConfig
 from fastse.engine import distributed as ddp
-from fastse.engine import runs
+from fastse.engine import progress, runs
 from fastse.engine.base import RunTrainer
-from fastse.engine.logging import RunLog, progress_line
+from fastse.engine.logging import RunLog, progress_line, wandb_options
 from fastse.engine.optim import build_optimizer, lr_at, set_lr
+from fastse.engine.probe import GROUP, OnlineProbe
 from fastse.engine.runs import LossMeter, TrainingError
 from fastse.methods import Method, build_method
 from fastse.smoothing import Smoother, cosine_momentum
 
 # fields that may change between a run and its resumption without changing what is trained
-_RESUMABLE = frozenset({"max_steps", "time_limit", "out", "wandb", "wandb_project", "log_every", "knn_every",
+_RESUMABLE = frozenset({"max_steps", "time_limit", "out", "wandb", "wandb_project", "wandb_entity", "wandb_group",
+                        "wandb_tags", "wandb_name", "log_every", "knn_every",
                         "knn_student", "ckpt_every", "keep_ckpts", "device", "loader", "cache_dir", "compile",
-                        "compile_mode", "data"})
+                        "compile_mode", "data", "online_probe", "probe_lr", "monitor"})
 # fields a resumed run must share with its checkpoint: the model, optimizer and teacher rule it holds
 _FIXED = ("method", "arch", "cifar_stem", "proj_hidden_dim", "proj_dim", "pred_hidden_dim", "queue_size",
           "optimizer", "smoothing", "keep_prob", "granularity", "buffers")
@@ -103,9 +109,11 @@ class Trainer(RunTrainer):
         self.smoother = Smoother(*method.smoothing_pairs(), rule=config.smoothing, keep_prob=config.keep_prob,
                                  momentum=config.momentum, granularity=config.granularity, buffers=config.buffers,
                                  seed=config.seed)
+        self.probe = self._build_probe()
         if start is not None:
             self._load(*start)
         self.check_same_start()
+        self.best_value = self._best_so_far(start)
 
         student, teacher = method.student, method.teacher
         if env.world_size > 1:
@@ -114,7 +122,7 @@ class Trainer(RunTrainer):
         if self.compiled:  # static shapes (drop_last): each graph is compiled once
             student, teacher = self.compile(student), self.compile(teacher)
         method.wrap(student=student, teacher=teacher)
-        self.log = RunLog(self.out, config.to_dict(), wandb=config.wandb, project=config.wandb_project,
+        self.log = RunLog(self.out, config.to_dict(), **wandb_options(config, "pretrain"),
                           enabled=env.is_main, resume_step=self.step)
 
     # ------------------------------------------------------------------------------------ loop
@@ -130,14 +138,18 @@ class Trainer(RunTrainer):
         window = (self.step, time.perf_counter())  # (step, time) where the current img/s window starts
         first_step = self.step
         saved_at, stopped = None, None
-        with self._running(), self.step_stream():
+        with self._running(), self.step_stream(), self.progress_bar() as bar:
             while self.step < self.stop_step and not stopped:
                 epoch = self.step // self.steps_per_epoch
                 # a resumed run starts where it stopped in its epoch (the loader skips the batches done)
                 self.train_loader.set_epoch(epoch, start_batch=self.step - epoch * self.steps_per_epoch)
-                for views, _ in self.train_loader:
+                for views, labels in self.train_loader:
+                    if self.step == first_step:
+                        self._preview(views)
                     loss = self.train_step(views)
+                    self.probe_step(labels)
                     self.step += 1
+                    bar.update()
                     self.losses.add(loss, self.step)  # steps count from 1, as in the log lines
                     if self.step == first_step + 1:
                         result["first_step_s"] = self._first_step_done(window[1])
@@ -217,8 +229,11 @@ class Trainer(RunTrainer):
             m["eta_s"] = (self.stop_step - self.step) * c.batch_size / img_s
         if checksum is not None:
             m["teacher_checksum"] = list(checksum)
+        if self.probe is not None and (probe_loss := self.probe.mean_loss()) is not None:
+            m["probe_loss"] = probe_loss
         self.log.log(m)
-        self.log.print(progress_line(m, self.stop_step, c.epochs))
+        self.print(progress_line(m, self.stop_step, c.epochs))
+        progress.postfix(loss=loss)
         return {"loss": loss, "img_per_s": img_s}
 
     # ------------------------------------------------------------------------------ monitoring
@@ -237,24 +252,129 @@ class Trainer(RunTrainer):
                 nets["knn_student"] = self.method.student_backbone
             for name, net in nets.items():
                 with self._autocast():
-                    acc = knn_eval(net, train_loader, test_loader, device=self.env.device, k=self.config.knn_k,
-                                   temperature=self.config.knn_temperature, num_train=n_train, num_test=n_test)
+                    if name == "knn" and self.probe is not None:  # the same features, raw for the probe
+                        acc = self._knn_and_probe(net, out)
+                    else:
+                        acc = knn_eval(net, train_loader, test_loader, device=self.env.device, k=self.config.knn_k,
+                                       temperature=self.config.knn_temperature, num_train=n_train, num_test=n_test)
                 out.update({f"{name}_top1": acc["top1"], f"{name}_top5": acc["top5"]})
             epoch = self.step / self.steps_per_epoch
             self.log.log({"step": self.step, "epoch": epoch, **out, "knn_s": time.perf_counter() - started})
             student = (f" | student top-1 {out['knn_student_top1']:.2f}% top-5 {out['knn_student_top5']:.2f}%"
                        if self.config.knn_student else "")
+            probe = f" | online probe top-1 {out['probe_top1']:.2f}%" if "probe_top1" in out else ""
             self.print(f"kNN at epoch {epoch:g}: teacher top-1 {out['knn_top1']:.2f}% top-5 {out['knn_top5']:.2f}%"
-                       f"{student} ({time.perf_counter() - started:.1f} s)")
+                       f"{student}{probe} ({time.perf_counter() - started:.1f} s)")
         ddp.barrier()
+        if best := self._keep_best(out):
+            out["best"] = best
         return out
+
+    def _knn_and_probe(self, net: torch.nn.Module, out: dict[str, float]) -> dict[str, float]:
+        """kNN top-1/top-5 of `net` (the teacher's backbone) as `knn_eval` measures them, and the online
+        probe's top-1 on the same test features (raw, as the probe trains on them) into `out["probe_top1"]`."""
+        import torch.nn.functional as F
+
+        from fastse.eval import extract_features, knn_accuracy
+
+        (train_loader, n_train), (test_loader, n_test) = self.eval_loaders
+        device = self.env.device
+        train_feats, train_labels = extract_features(net, train_loader, device=device, num_samples=n_train,
+                                                     normalize=False)
+        test_feats, test_labels = extract_features(net, test_loader, device=device, num_samples=n_test,
+                                                   normalize=False)
+        out["probe_top1"] = self.probe.accuracy(test_feats, test_labels)
+        return knn_accuracy(F.normalize(train_feats, dim=1), train_labels, F.normalize(test_feats, dim=1), test_labels,
+                            k=self.config.knn_k, temperature=self.config.knn_temperature)
+
+    def _build_probe(self) -> OnlineProbe | None:
+        """The online probe (`engine.probe`) on rank 0, None elsewhere or where it is off: asked off, or no
+        labels (fewer than 2 classes) or no test split to measure it on. Where it is on, every rank's method
+        keeps the teacher's features (MoCo's shuffle-BN needs every rank to gather the labels)."""
+        c, classes = self.config, int(self.data_record.get("classes", 0))
+        wanted = c.online_probe and classes >= 2 and bool(self.eval_loaders)  # eval loaders: rank 0's
+        self.probe_on = bool(ddp.broadcast_(torch.tensor([int(wanted)], device=self.env.device)).item())
+        if c.online_probe and not self.probe_on:
+            self.print("online probe off: " + ("no test/ or val/ split to measure it on" if classes >= 2
+                                               else f"{classes} class(es) of labels"))
+        self.method.want_features(self.probe_on)
+        if not (self.probe_on and self.env.is_main):
+            return None
+        return OnlineProbe(self.method.backbone.feature_dim, classes, lr=c.probe_lr, device=self.env.device)
+
+    def probe_step(self, labels: Tensor) -> None:
+        """The online probe's step (rank 0) on the teacher's features that the last `train_step` kept, with
+        this rank's batch `labels` [B] (int64, on the device); its lr follows the backbone's schedule. No host
+        sync; every rank calls it (under MoCo's shuffle-BN the features are of other ranks' samples: their
+        labels are gathered)."""
+        features, index = self.method.features, self.method.feature_index
+        if not self.probe_on or features is None:
+            return
+        if index is not None:
+            labels = ddp.all_gather_cat(labels)[index]
+        if self.probe is not None:
+            c = self.config
+            self.probe.step(features, labels, lr_at(self.step, self.total_steps, c.scaled_lr, self.warmup_steps)
+                            / c.scaled_lr)
+        self.method.features = self.method.feature_index = None
+
+    def _preview(self, views: tuple[Tensor, ...]) -> None:
+        """The first batch's views of a few images, as the pipeline produced them: `views.png` in the run
+        folder and the wandb image "views" (rank 0; once per run folder, see `engine.preview`)."""
+        if not self.env.is_main:
+            return
+        from fastse.engine.preview import write_views
+
+        recipe = self.train_loader.recipe
+        caption = (f"{recipe.name} augmentation at {recipe.size} px: row i is view i of the first images of the batch "
+                   f"of step {self.step + 1}")
+        try:
+            write_views(self.out, views, recipe, self.log, step=self.step, caption=caption)
+        except OSError as e:  # a picture is not worth stopping the run for
+            self.print(f"warning: {self.out / 'views.png'} could not be written ({e.strerror or e})")
+
+    def _best_so_far(self, start: runs.Start | None) -> float:
+        """The monitored metric of the run's best/ checkpoint (resumed runs; rank 0's reading on every rank),
+        -inf where there is none or it was chosen by another metric."""
+        c, value = self.config, -math.inf
+        if self.env.is_main and start is not None and c.monitor != "none" and (found := ckpt.best_checkpoint(self.out)):
+            best = found[1].get("best") or {}
+            if best.get("metric") == c.monitor and isinstance(best.get("value"), (int, float)):
+                value = float(best["value"])
+            else:
+                self.print(f"--resume: {found[0]} is the best by {best.get('metric')}, this run monitors "
+                           f"{c.monitor}: replaced at the next check")
+        return float(ddp.broadcast_(torch.tensor([value], dtype=torch.float64, device=self.env.device)).item())
+
+    def _keep_best(self, out: dict[str, float]) -> str | None:
+        """After a kNN check (`out`: rank 0's results): where the monitored metric beats the best so far, the
+        run's best/ checkpoint is this step's (every rank calls; rank 0's value decides); its path, else None."""
+        metric = self.config.monitor
+        if metric == "none":
+            return None
+        value = torch.tensor([out.get(metric, math.nan)], dtype=torch.float64, device=self.env.device)
+        value = float(ddp.broadcast_(value).item())
+        if not math.isfinite(value) or value <= self.best_value:
+            return None
+        self.best_value, epoch = value, self.step / self.steps_per_epoch
+        path = self._save(best={"metric": metric, "value": value, "step": self.step, "epoch": epoch})
+        self.log.log({"step": self.step, "epoch": epoch, f"best_{metric}": value})
+        self.print(f"best {metric} so far: {value:.2f}% at epoch {epoch:g} -> {path}")
+        return path
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def _save(self) -> str:
-        """Checkpoint the current step (`_write_checkpoint`), with MoCo's queue and the epoch."""
+    def _save(self, best: dict[str, Any] | None = None) -> str:
+        """Checkpoint the current step (`_write_checkpoint`), with MoCo's queue, the online probe and the
+        epoch; with `best` (every rank alike), the run's best/ checkpoint, the teacher's backbone in it."""
+        probe_tensors, probe_meta = self.probe.state() if self.probe is not None else ({}, None)
+
+        def extra() -> dict[str, Any]:
+            groups = {"queue": queue} if (queue := self.method.state_tensors()) else {}
+            return {**groups, GROUP: probe_tensors} if probe_tensors else groups
+
         return self._write_checkpoint(
-            self.method, lambda: {"queue": queue} if (queue := self.method.state_tensors()) else {},
+            self.method, extra, best=best, backbone=self.method.backbone if best else None, probe=probe_meta,
             epoch=self.step / self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch, data=self.data_record)
 
     def _load(self, path: Path, meta: dict) -> None:
@@ -270,6 +390,8 @@ class Trainer(RunTrainer):
         self.smoother.load_state_dict(meta["smoother"])
         ckpt.set_rng_state(groups["rng"])
         self.step = int(meta["step"])
+        if self.probe is not None and (fresh := self.probe.load(groups.get(GROUP), meta.get("probe"))):
+            self.print(f"--resume: {fresh}: the online probe starts fresh at step {self.step}")
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -320,6 +442,7 @@ def _build_data(config: PretrainConfig, env: ddp.Dist, dtype: torch.dtype):
                           batch_size=config.batch_size // env.world_size, seed=config.seed, rank=env.rank,
                           world_size=env.world_size, indices=train_idx, drop_last=True, **common)
     summary = f"{n_train} images of {root} at {size} px ({sizes.verdict}), {type(loader).__name__}"
+    record = {**runs.data_record(train), "classes": len(train.classes)}  # classes: the online probe's outputs
     evals = None
     if env.is_main and test_split is not None:
         test = scan_image_folder(root, split=test_split, classes=train.classes)
@@ -334,7 +457,7 @@ def _build_data(config: PretrainConfig, env: ddp.Dist, dtype: torch.dtype):
         summary += f"; kNN monitor on {evals[1][1]} {test_split} images"
     elif env.is_main:
         summary += "; no test/ or val/ split: no kNN monitor"
-    return loader, evals, summary, runs.data_record(train)
+    return loader, evals, summary, record
 
 
 def _subset(n: int, limit: int | None) -> np.ndarray | None:

@@ -19,8 +19,9 @@ def extract_features(
     *,
     device: str | torch.device,
     num_samples: int | None = None,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """(features float32 [N, D], L2-normalised; labels int64 [N]), both on `device`.
+    """(features float32 [N, D], L2-normalised unless `normalize` is False; labels int64 [N]), both on `device`.
 
     `batches` yields (x, labels) with x [B, ...] or a tuple of views (a `build_loader` loader: the
     first view is used). The model runs in eval mode; every submodule's train/eval mode is restored
@@ -34,7 +35,8 @@ def extract_features(
     try:
         for x, y in batches:
             x = x[0] if isinstance(x, (tuple, list)) else x
-            feats.append(F.normalize(model(x.to(device, non_blocking=True)).float().flatten(1), dim=1))
+            f = model(x.to(device, non_blocking=True)).float().flatten(1)
+            feats.append(F.normalize(f, dim=1) if normalize else f)
             labels.append(torch.as_tensor(y).to(device, torch.int64, non_blocking=True))
     finally:
         for m, training in modes:

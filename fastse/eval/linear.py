@@ -310,9 +310,10 @@ def accuracy(head: nn.Module, feats: Tensor, labels: Tensor, *, chunk: int = 409
 
 
 def train_linear(backbone: nn.Module, data: EvalData, protocol: Protocol, *, device: str | torch.device = "cpu",
-                 backend: str = "auto", seed: int = 0, on_epoch: Callable[[int, float], None] | None = None
-                 ) -> nn.Module:
-    """A linear head trained on the frozen `backbone`'s features of `data`'s train split by `protocol`.
+                 backend: str = "auto", seed: int = 0, on_epoch: Callable[[int, float], None] | None = None,
+                 on_head: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+    """A linear head trained on the frozen `backbone`'s features of `data`'s train split by `protocol`;
+    `on_epoch(epoch, mean loss)`, then `on_head(epoch, head)` after each epoch.
 
     Under torchrun (an initialised process group) the standard protocols are data-parallel: each
     rank reads its shard in batches of batch_size / world_size and DDP averages the gradients;
@@ -329,6 +330,13 @@ def train_linear(backbone: nn.Module, data: EvalData, protocol: Protocol, *, dev
     torch.manual_seed(seed)
     head = make_head(_feature_dim(backbone, data, device), len(data.train.classes),
                      batchnorm=protocol.batchnorm).to(device)
+    if on_head is not None:
+        user_on_epoch = on_epoch
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            if user_on_epoch is not None:
+                user_on_epoch(epoch, loss)
+            on_head(epoch, head)
     if protocol.precomputed:
         parts = [features(backbone, data.loader("train", "test", batch_size=512, device=device, backend=backend),
                           device=device, num=n_train)]
@@ -360,17 +368,34 @@ def train_linear(backbone: nn.Module, data: EvalData, protocol: Protocol, *, dev
 
 
 def linear_eval(backbone: nn.Module, data: EvalData, protocol: Protocol, *, device: str | torch.device = "cpu",
-                backend: str = "auto", seed: int = 0, on_epoch: Callable[[int, float], None] | None = None
+                backend: str = "auto", seed: int = 0, on_epoch: Callable[[int, float], None] | None = None,
+                test_every: int = 0, on_test: Callable[[int, dict[str, float]], None] | None = None
                 ) -> dict[str, Any]:
     """`train_linear`, then the head's accuracy on `data`'s test split (on every rank): {"top1",
     "top5" (%), "protocol", "epochs", "batch_size", "lr" (peak), "copies", "train_images",
-    "test_images", "feature_dim", "seconds"}."""
+    "test_images", "feature_dim", "seconds"}. With `test_every` > 0, also `on_test(epoch, {"top1",
+    "top5"})` every `test_every` epochs and at the last (the test features are extracted first, once)."""
     started = time.perf_counter()
     device = torch.device(device)
-    head = train_linear(backbone, data, protocol, device=device, backend=backend, seed=seed, on_epoch=on_epoch)
     n_test = data.num("test")
-    test_loader = data.loader("test", "test", batch_size=min(512, n_test), device=device, backend=backend)
-    test = features(_frozen(backbone, device), test_loader, device=device, num=n_test)
+
+    def test_features() -> tuple[Tensor, Tensor]:
+        loader = data.loader("test", "test", batch_size=min(512, n_test), device=device, backend=backend)
+        return features(_frozen(backbone, device), loader, device=device, num=n_test)
+
+    test, on_head = None, None
+    if test_every > 0 and on_test is not None:
+        test = test_features()
+
+        def on_head(epoch: int, head: nn.Module) -> None:
+            if epoch % test_every == 0 or epoch == protocol.epochs:
+                training = head.training
+                on_test(epoch, accuracy(head, *test))
+                head.train(training)
+
+    head = train_linear(backbone, data, protocol, device=device, backend=backend, seed=seed, on_epoch=on_epoch,
+                        on_head=on_head)
+    test = test if test is not None else test_features()
     return {**accuracy(head, *test), "protocol": protocol.name, "epochs": protocol.epochs,
             "batch_size": protocol.batch_size, "lr": protocol.scaled_lr, "copies": protocol.copies,
             "train_images": data.num("train"), "test_images": n_test, "feature_dim": int(test[0].shape[1]),

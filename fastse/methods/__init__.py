@@ -21,8 +21,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone(x))
+    def forward(self, x: Tensor, features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Embeddings [N, D]; with `features`, (embeddings, backbone features [N, F])."""
+        f = self.backbone(x)
+        return (self.head(f), f) if features else self.head(f)
 
 
 class Method(nn.Module):
@@ -34,6 +36,17 @@ class Method(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.__dict__["_calls"] = {}  # wrappers are not submodules: no duplicate state_dict entries
+        self.keep_features = False
+        self.features: Tensor | None = None  # teacher backbone features [N, F] of one view, no grad
+        self.feature_index: Tensor | None = None  # their rows' places in the global batch, where shuffled
+
+    def want_features(self, on: bool = True) -> Method:
+        """With `on`, every `forward` keeps the teacher's backbone features of one view (BYOL: the first;
+        MoCo: the key view) in `features`, for the online probe at no extra compute, and, where they are of
+        other samples than this rank's batch (MoCo's shuffle-BN under DDP), the indices of their samples
+        in the global batch in `feature_index`."""
+        self.keep_features = on
+        return self
 
     def wrap(self, *, student: Callable | None = None, teacher: Callable | None = None) -> Method:
         """Call `student` / `teacher` (e.g. DDP- or compile-wrapped modules) in `forward`."""

@@ -47,7 +47,10 @@ class BYOL(Method):
         x1, x2 = views
         p1, p2 = self.student_fn(x1, x2)
         with torch.no_grad():
-            z1, z2 = self.teacher_fn(x1), self.teacher_fn(x2)
+            if self.keep_features:  # the same teacher graph for both views (one compiled graph)
+                (z1, self.features), (z2, _) = self.teacher_fn(x1, True), self.teacher_fn(x2, True)
+            else:
+                z1, z2 = self.teacher_fn(x1), self.teacher_fn(x2)
         return byol_loss(p1, z2) + byol_loss(p2, z1)
 
     def smoothing_pairs(self) -> tuple[nn.Module, nn.Module]:

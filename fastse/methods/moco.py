@@ -55,17 +55,26 @@ class MoCoV2(Method):
         with shuffle-BN under DDP the teacher encodes a random slice of the global batch."""
         world = ddp.world_size()
         if world == 1 or not self.shuffle_bn:
-            k = F.normalize(self.teacher_fn(x).float(), dim=1)
+            k = F.normalize(self._encode_keys(x).float(), dim=1)
             return k, ddp.all_gather_cat(k)
         n, rank = len(x), ddp.rank()
         x_all = ddp.all_gather_cat(x)
         perm = ddp.broadcast_(torch.randperm(len(x_all), device=x.device))  # rank 0's draw, on every rank
         mine = torch.empty_like(x).copy_(x_all[perm[rank * n:(rank + 1) * n]])  # x's memory format (channels_last)
-        k = F.normalize(self.teacher_fn(mine).float(), dim=1)
+        k = F.normalize(self._encode_keys(mine).float(), dim=1)
+        if self.keep_features:
+            self.feature_index = perm[rank * n:(rank + 1) * n]
         k_shuffled = ddp.all_gather_cat(k)
         k_all = torch.empty_like(k_shuffled)
         k_all[perm] = k_shuffled  # back to the global batch order
         return k_all[rank * n:(rank + 1) * n], k_all
+
+    def _encode_keys(self, x: Tensor) -> Tensor:
+        """The teacher's keys of `x` (unnormalised); with `keep_features`, its backbone features kept too."""
+        if not self.keep_features:
+            return self.teacher_fn(x)
+        k, self.features = self.teacher_fn(x, True)
+        return k
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:

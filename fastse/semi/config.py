@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastse.config import COMPILE_MODES, require_finite
+from fastse.engine.logging import check_wandb_settings
 from fastse.smoothing import GRANULARITIES, RULES
 
 DATASETS = ("cifar10", "cifar100")
@@ -68,7 +69,11 @@ class SemiConfig:
     ckpt_every: int = 4096              # steps between checkpoints (and one at the end)
     keep_ckpts: int = 3
     wandb: str = "auto"                 # auto (online with credentials, else offline) | online | offline | disabled
-    wandb_project: str = "fastse"
+    wandb_project: str | None = None    # default: $WANDB_PROJECT, else "fastse"
+    wandb_entity: str | None = None     # default: $WANDB_ENTITY, else wandb's default entity
+    wandb_group: str | None = None      # e.g. one study, to compare its EMA and STS runs in one view
+    wandb_tags: str | None = None       # comma-separated, e.g. "sts,cifar10"
+    wandb_name: str | None = None       # default: the run folder's name
     out: str = "runs/semi"
 
     @property
@@ -96,6 +101,7 @@ class SemiConfig:
                               ("compile_mode", COMPILE_MODES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        check_wandb_settings(self)
         if self.dataset is not None and self.dataset not in DATASETS:
             raise ValueError(f"dataset={self.dataset!r} is not one of {', '.join(DATASETS)}")
         if not self.data_spec:

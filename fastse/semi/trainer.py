@@ -31,9 +31,9 @@ from torch import Tensor
 
 from fastse import checkpoints as ckpt
 from fastse.engine import distributed as ddp
-from fastse.engine import runs
+from fastse.engine import progress, runs
 from fastse.engine.base import RunTrainer
-from fastse.engine.logging import RunLog
+from fastse.engine.logging import RunLog, wandb_options
 from fastse.engine.optim import set_lr
 from fastse.engine.runs import TrainingError
 from fastse.models import WideResNet
@@ -45,7 +45,8 @@ from fastse.smoothing import Smoother
 
 MEDIAN_OF = 20  # evaluations in the reported median
 # fields that may change between a run and its resumption without changing what is trained
-_RESUMABLE = frozenset({"max_steps", "time_limit", "out", "wandb", "wandb_project", "log_every", "eval_every",
+_RESUMABLE = frozenset({"max_steps", "time_limit", "out", "wandb", "wandb_project", "wandb_entity", "wandb_group",
+                        "wandb_tags", "wandb_name", "log_every", "eval_every",
                         "ckpt_every", "keep_ckpts", "device", "cache_dir", "compile", "compile_mode", "data"})
 # fields a resumed run must share with its checkpoint: the model, labeled split and teacher rule it holds
 _FIXED = ("depth", "widen", "num_labels", "smoothing", "keep_prob", "granularity", "buffers")
@@ -117,7 +118,7 @@ class SemiTrainer(RunTrainer):
             teacher = self.compile(teacher)
             self.model.wrap(loss=self.compile(fixmatch_loss))
         self.model.wrap(student=train_student, teacher=teacher)
-        self.log = RunLog(self.out, c.to_dict(), wandb=c.wandb, project=c.wandb_project, enabled=env.is_main,
+        self.log = RunLog(self.out, c.to_dict(), **wandb_options(c, "semi"), enabled=env.is_main,
                           resume_step=self.step)
 
     # ------------------------------------------------------------------------------------ loop
@@ -135,10 +136,11 @@ class SemiTrainer(RunTrainer):
         saved = self.step if self.step else None  # a resumed run starts at its checkpoint
         evaluated = self.evals[-1]["step"] if self.evals else None
         batches, stopped = self.data.batches(self.step), None
-        with self._running():
+        with self._running(), self.progress_bar() as bar:
             while self.step < self.stop_step and not stopped:
                 stats = self.train_step(next(batches))
                 self.step += 1
+                bar.update()
                 self.losses.add(stats, self.step)  # steps count from 1, as in the log lines
                 if self.step == first_step + 1:
                     result["first_step_s"] = self._first_step_done(window[1])
@@ -213,6 +215,7 @@ class SemiTrainer(RunTrainer):
             m["teacher_checksum"] = list(checksum)
         self.log.log(m)
         self.print(_progress_line(m, self.stop_step))
+        progress.postfix(loss=m["loss"])
         return {"loss": m["loss"], "steps_per_s": rate}
 
     def _evaluate(self) -> dict[str, float]:
@@ -277,7 +280,7 @@ def _split_seed(config: dict[str, Any]) -> int:
 
 def _teacher_stats(smoother: Smoother) -> dict[str, float]:
     s = smoother.stats(distance=True)
-    return {k: s[k] for k in ("updated_fraction", "distance") if k in s}
+    return {k: s[k] for k in ("momentum", "updated_fraction", "distance") if k in s}
 
 
 def _progress_line(m: dict[str, Any], total_steps: int) -> str:
