@@ -7,16 +7,20 @@ batch already on the GPU (what the loader must not slow down), measured in one r
         [--variant name:hw=0.9,threads=12,decode=fused,step=default ...]
     python benchmarks/pretrain_step.py --preset byol-imagenet --photo-jpegs 4000 --loader dali
 
-Builds a `Trainer` (model, optimizer, smoother, compile, bf16 as the preset says), warms both paths
+Builds a `Trainer` (model, optimizer, smoother, compile, bf16 as the preset says), warms the paths
 up, then times `--rounds` alternating blocks of `--steps` steps: `real` draws each batch from the
-training loader (augmentation included), `synthetic` reuses one batch of the same shape and dtype.
-Both run `Trainer.train_step` (forward, backward, optimizer, teacher update) on the stream the trainer
-trains on (`Trainer.step_stream`); a third path, `loader`, only draws batches (no model: the
-pipeline's own rate in the same process, its headroom over the step). img/s per block is steps x
-batch / wall time between CUDA synchronisations; the table gives the median of the blocks and
-real / synthetic. The real path starts `--warmup` + `--steps` / 2 batches before the end of an epoch,
-so its first timed block crosses an epoch end (a new epoch reshuffles); the table says how many
-epoch ends the timed real blocks crossed.
+training loader (augmentation included), `synthetic` reuses one batch of the same shape and dtype (and
+its labels). Both do what the trainer's loop does each step, on the stream the trainer trains on
+(`Trainer.step_stream`): `Trainer.train_step` (forward, backward, optimizer, teacher update), then
+`Trainer.probe_step` (the online linear probe on the teacher features the step kept; on where the tree
+has labels and a test/ or val/ split, as in training). A third path, `no probe`, is `synthetic` with the
+probe off (no features kept, no probe step: training with --no-online-probe), so the table gives the
+probe's cost, 1 - synthetic / no probe (the share of the step's time the probe takes; "-" where the probe
+is off); a fourth, `loader`, only draws batches (no model: the pipeline's own rate in the same process,
+its headroom over the step). img/s per block is steps x batch / wall time between CUDA synchronisations;
+the table gives the median of the blocks and real / synthetic. The real path starts `--warmup` +
+`--steps` / 2 batches before the end of an epoch, so its first timed block crosses an epoch end (a new
+epoch reshuffles); the table says how many epoch ends the timed real blocks crossed.
 
 With the DALI loader, each `--variant` (repeatable) times the same compiled step with the loader built
 again with other options: `hw=` share of JPEGs for the hardware decoder, `threads=` DALI CPU threads,
@@ -86,7 +90,7 @@ def variant_loader(loader, options: dict):
 
 
 class Batches:
-    """Endless batches of views from `loader`, epoch after epoch, from batch `start` of epoch 0;
+    """Endless (views, labels) batches from `loader`, epoch after epoch, from batch `start` of epoch 0;
     `epoch_ends` counts the epoch ends passed."""
 
     def __init__(self, loader, start: int):
@@ -98,11 +102,20 @@ class Batches:
             self.loader.set_epoch(epoch, start_batch=self.start if epoch == 0 else 0)
             if epoch:
                 self.epoch_ends += 1
-            for views, _ in self.loader:
-                yield views
+            yield from self.loader
 
     def __next__(self):
         return next(self._it)
+
+
+def training_step(trainer: Trainer, batch: tuple, probe: bool = True) -> None:
+    """What `Trainer.fit` does with one (views, labels) batch: `train_step`, then `probe_step` (a no-op
+    where the probe is off). `probe=False`: the step with the probe off (no teacher features kept)."""
+    views, labels = batch
+    trainer.method.want_features(probe and trainer.probe_on)
+    trainer.train_step(views)
+    if probe:
+        trainer.probe_step(labels)
 
 
 def scan_rate(data: str) -> str:
@@ -130,13 +143,14 @@ def main() -> None:
     ap.add_argument("--variant", action="append", type=parse_variant, default=None, metavar="NAME:K=V,...",
                     help="a DALI loader variant to time (repeatable); see the module docstring")
     ap.add_argument("--steps", type=int, default=300, help="steps per timed block")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating real/synthetic block pairs")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of alternating blocks, one of each path")
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--limit", type=int, default=None, help="at most N images (CPU smoke runs)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="then profile N steps of each path of the first variant: GPU busy time per step against "
-                         "wall time per step (GPU-bound when they match, host-bound when the GPU idles), top operators")
+                    help="then profile N steps of the real and synthetic paths of the first variant: GPU busy time "
+                         "per step against wall time per step (GPU-bound when they match, host-bound when the GPU "
+                         "idles), top operators")
     args = ap.parse_args()
     if (args.data is None) == (args.photo_jpegs is None):
         ap.error("give exactly one of --data and --photo-jpegs")
@@ -168,8 +182,11 @@ def main() -> None:
           f"{len(own)} steps per epoch; compile={trainer.compiled} ({c.compile_mode})")
     if scanned:
         print(f"# {scanned}")
-    print("| variant | options | DALI threads | real img/s | synthetic img/s | loader img/s | real / synthetic "
-          "| epoch ends in real blocks |\n|---|---|---|---|---|---|---|---|", flush=True)
+    if not trainer.probe_on:
+        print("# online probe off (see above): real and synthetic without it, no probe cost")
+    print("| variant | options | DALI threads | real img/s | synthetic img/s | no probe img/s | probe cost "
+          "| loader img/s | real / synthetic | epoch ends in real blocks |\n|---|---|---|---|---|---|---|---|---|---|",
+          flush=True)
     rows, first_compile = [], None
     for k, (name, options) in enumerate(args.variant or [("default", {})]):
         loader = variant_loader(own, options)
@@ -177,14 +194,20 @@ def main() -> None:
         on_stream = trainer.step_stream if options.get("step", "trainer") == "trainer" else contextlib.nullcontext
         real = Batches(loader, start=max(0, len(loader) - 2 - args.warmup - args.steps // 2))  # 2: fixed, first
         with on_stream():
-            fixed = tuple(v.clone() for v in next(real))
-            paths = {"real": lambda: trainer.train_step(next(real)), "synthetic": lambda: trainer.train_step(fixed),
-                     "loader": lambda: next(real)}
+            views, labels = next(real)
+            fixed = (tuple(v.clone() for v in views), labels.clone())
+            paths = {"real": lambda: training_step(trainer, next(real)),
+                     "synthetic": lambda: training_step(trainer, fixed),
+                     "no probe": lambda: training_step(trainer, fixed, probe=False), "loader": lambda: next(real)}
+            if not trainer.probe_on:  # the same step as synthetic's
+                del paths["no probe"]
             started = time.perf_counter()
             timed(paths["real"], 1, cuda)
             first_compile = first_compile or time.perf_counter() - started
             timed(paths["real"], args.warmup, cuda)
-            timed(paths["synthetic"], args.warmup, cuda)
+            for path in ("synthetic", "no probe"):  # the teacher without features: a graph of its own
+                if path in paths:
+                    timed(paths[path], args.warmup, cuda)
             rates: dict[str, list[float]] = {k: [] for k in paths}
             ends = 0
             for _ in range(args.rounds):
@@ -195,9 +218,14 @@ def main() -> None:
             if args.profile and k == 0:  # after the table row: printed below it
                 profiled = [(path, paths[path]) for path in ("synthetic", "real")]
         real_rate, synth_rate, loader_rate = (statistics.median(rates[p]) for p in ("real", "synthetic", "loader"))
+        bare, cost = "-", "-"
+        if "no probe" in rates:
+            bare_rate = statistics.median(rates["no probe"])
+            bare, cost = f"{bare_rate:,.0f}", f"**{100 * (1 - synth_rate / bare_rate):.1f} %**"
         text = ",".join(f"{key}={v}" for key, v in options.items()) or "-"
         print(f"| {name} | {text} | {getattr(loader, 'num_threads', None) or '-'} | {real_rate:,.0f} | "
-              f"{synth_rate:,.0f} | {loader_rate:,.0f} | **{real_rate / synth_rate:.3f}** | {ends} |", flush=True)
+              f"{synth_rate:,.0f} | {bare} | {cost} | {loader_rate:,.0f} | **{real_rate / synth_rate:.3f}** | {ends} |",
+              flush=True)
         rows.append((name, rates))
         if args.profile and k == 0:
             with on_stream():

@@ -17,6 +17,7 @@ CHOICES = {
     "smoothing": ("ema", "se", "sts"),
     "granularity": ("tensor", "channel", "element"),
     "buffers": ("copy", "ema"),
+    "monitor": ("teacher_acc", "student_acc", "none"),
 }
 
 
@@ -52,7 +53,10 @@ def _choice(name: str) -> click.Choice:
 @click.option("--eval-every", type=int, help="Steps between test-set evaluations [default: 1024].")
 @click.option("--log-every", type=int, help="Steps between metrics lines [default: 100].")
 @click.option("--ckpt-every", type=int, help="Steps between checkpoints [default: 4096].")
-@click.option("--out", help="Run folder: metrics.jsonl, labeled_split.json, checkpoints/ [default: runs/semi].")
+@click.option("--monitor", type=_choice("monitor"),
+              help="best/ holds the checkpoint of the best evaluation by this test top-1 [default: teacher_acc].")
+@click.option("--out", help="Run folder: metrics.jsonl, labeled_split.json, views.png, checkpoints/, best/ "
+              "[default: runs/semi].")
 @engine_options
 def semi(preset: str | None, resume: bool, **flags) -> None:
     """Semi-supervised FixMatch whose evaluation model is an EMA / SE / STS teacher."""

@@ -212,12 +212,14 @@ def best_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
         return None
 
 
-def check_run_dir(run_dir: str | Path, checkpoint_bytes: int, *, keep: int = 1) -> None:
+def check_run_dir(run_dir: str | Path, checkpoint_bytes: int, *, keep: int = 1, best: bool = False) -> None:
     """Fail fast, before any training, where checkpoints of about `checkpoint_bytes` each could not be
     written to `run_dir`: CheckpointError (naming the folder) unless it can be created and a file
     written into it (a probe, fsynced and removed) and its file system has room for one checkpoint;
-    a warning where fewer than the `keep` + 1 a long run needs fit (the newest is written before the
-    oldest is removed; checkpoints already there count)."""
+    a warning where fewer than a long run needs at once fit: `keep` + 1 (the newest is written before the
+    oldest is removed) and, with `best` (a best/ checkpoint by a monitored metric, `save_best`), one more:
+    best/ beside the last `keep`, or while best/ is replaced, the old and the new beside them. Checkpoints
+    already there (the last `keep`, best/) count."""
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -232,10 +234,12 @@ def check_run_dir(run_dir: str | Path, checkpoint_bytes: int, *, keep: int = 1) 
     if free < checkpoint_bytes:
         raise CheckpointError(f"{run_dir}: {free / mib:,.0f} MiB free on its disk, but one checkpoint needs about "
                               f"{checkpoint_bytes / mib:,.0f} MiB")
-    have = min(len(_step_dirs(run_dir / "checkpoints")), keep)
-    if free < (keep + 1 - have) * checkpoint_bytes:
-        log.warning("%s: %.0f MiB free holds %d checkpoints of about %.0f MiB; keeping %d needs %d more",
-                    run_dir, free / mib, free // checkpoint_bytes, checkpoint_bytes / mib, keep, keep + 1 - have)
+    have = min(len(_step_dirs(run_dir / "checkpoints")), keep) + int(best and (run_dir / BEST).is_dir())
+    needed = keep + 1 + int(best) - have
+    if free < needed * checkpoint_bytes:
+        log.warning("%s: %.0f MiB free holds %d checkpoints of about %.0f MiB; keeping %d%s needs %d more",
+                    run_dir, free / mib, free // checkpoint_bytes, checkpoint_bytes / mib, keep,
+                    " and best/" if best else "", needed)
 
 
 def _step_dirs(folder: Path) -> list[tuple[int, Path]]:

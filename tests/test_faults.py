@@ -453,6 +453,35 @@ def test_room_for_fewer_checkpoints_than_kept_warns(tmp_path, monkeypatch, caplo
     assert [p.name for p in (tmp_path / "run").iterdir()] == []  # the probe file is gone
 
 
+def test_room_check_counts_best_where_a_monitor_keeps_one(tmp_path, monkeypatch, caplog):
+    from fastse.engine import runs
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=450))
+    check_run_dir(tmp_path / "run", 100, keep=3)  # the 4 needed fit
+    assert "needs" not in caplog.text
+    check_run_dir(tmp_path / "run", 100, keep=3, best=True)  # best/ besides: 5
+    assert "holds 4 checkpoints" in caplog.text and "keeping 3 and best/ needs 5 more" in caplog.text
+    caplog.clear()
+    (tmp_path / "run" / ckpt.BEST).mkdir()  # a best/ there already counts
+    check_run_dir(tmp_path / "run", 100, keep=3, best=True)
+    assert "needs" not in caplog.text
+    seen = []
+
+    def check(out, size, keep, best):
+        out.mkdir()
+        seen.append((size, keep, best))
+
+    monkeypatch.setattr(ckpt, "check_run_dir", check)
+    for monitor, best in (("teacher_acc", True), ("none", False)):
+        config = SemiConfig(data="cifar10", out=str(tmp_path / monitor), monitor=monitor, keep_ckpts=2, device="cpu")
+        runs.preflight(config, resume=False, fixed=(), checkpoint_bytes=lambda c: 7)[2].release()
+        assert seen[-1] == (7, 2, best)
+    config = PretrainConfig(data="cifar10", out=str(tmp_path / "pretrain"), device="cpu")  # monitor knn_top1
+    runs.preflight(config, resume=False, fixed=(), checkpoint_bytes=lambda c: 7)[2].release()
+    assert seen[-1] == (7, config.keep_ckpts, True)
+
+
 def test_resume_of_another_methods_run_exits_2(data, reference, faults, no_gpu_work):
     args = cli_args(data, reference, "--resume")
     args[args.index("mocov2-cifar10")] = "byol-cifar10"

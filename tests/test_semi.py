@@ -142,7 +142,8 @@ def test_presets_and_cli_choices():
     from fastse.config import COMPILE_MODES
     from fastse.smoothing import GRANULARITIES, RULES
 
-    library = {"dataset": cfg.DATASETS, "smoothing": RULES, "granularity": GRANULARITIES, "buffers": cfg.BUFFER_MODES}
+    library = {"dataset": cfg.DATASETS, "smoothing": RULES, "granularity": GRANULARITIES, "buffers": cfg.BUFFER_MODES,
+               "monitor": cfg.MONITORS}
     assert {k: tuple(v) for k, v in library.items()} == cli.CHOICES
     from fastse.cli import training
 
@@ -225,6 +226,75 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_cifar, cache, tmp_pat
                             "wall_s": losses_a[15]["wall_s"]}  # all but the timings equal
     assert resumed["teacher_acc"] == lines_a[-1]["teacher_acc"] and resumed["student_acc"] == lines_a[-1]["student_acc"]
     assert [e["step"] for e in mb["evals"]] == [9, 10, 20]  # the stop at 9 evaluated too
+
+
+def test_views_preview_is_the_first_unlabeled_batch(tiny_cifar, cache, tmp_path):
+    from fastse.pipelines.datasets import SPLIT_FILE
+
+    from fastse.engine import distributed as ddp
+    from fastse.engine.preview import read_png, view_grid
+    from fastse.semi.data import build_data
+
+    out = tmp_path / "run"
+    train(small(tiny_cifar, out, cache, max_steps=2, eval_every=100))
+    picture = read_png(out / "views.png")
+    # the same seed and split: the same batches
+    data = build_data(small(tiny_cifar, out, cache), ddp.launch_env("cpu"), torch.float32,
+                      saved_split=out / SPLIT_FILE)
+    _, _, weak, strong, _ = next(data.batches(0))
+    recipe = data.unlabeled.recipe
+    expected = view_grid((weak, strong), recipe.mean, recipe.std)
+    assert picture.shape == expected.shape == (2 * 96 + 2, 8 * 96 + 7 * 2, 3)  # weak and strong x 8 images, 32 px x 3
+    assert np.array_equal(picture, expected)
+    assert picture.std() > 20 and not np.array_equal(picture[:96], picture[98:])  # two different views, not blank
+    top_left = picture[:96:3, :96:3].astype(np.float32) / 255  # denormalised: one pixel per block of the weak view
+    again = (top_left - np.array(recipe.mean)) / np.array(recipe.std)
+    assert np.allclose(again.transpose(2, 0, 1), weak[0].numpy(), atol=1 / 255 / min(recipe.std) + 1e-5)
+
+
+def _best_eval(evals: list[dict], metric: str) -> dict:
+    return max(evals, key=lambda e: (e[metric], -e["step"]))  # the first of equals
+
+
+@pytest.mark.parametrize("monitor", ["teacher_acc", "student_acc"])
+def test_best_holds_the_best_evaluation_and_survives_resume(tiny_cifar, cache, tmp_path, monitor):
+    from fastse import checkpoints as ckpt
+
+    out = tmp_path / "run"
+    common = dict(eval_every=4, ckpt_every=4, keep_ckpts=10, monitor=monitor, threshold=0.3)
+    train(small(tiny_cifar, out, cache, max_steps=12, **common))
+    path, meta = ckpt.best_checkpoint(out)
+    first = _best_eval(meta["evals"], monitor)  # the evaluations up to the best one
+    evals = [m for m in _lines(out) if monitor in m and "final" not in m]
+    best = _best_eval(evals, monitor)
+    assert meta["best"] == {"metric": monitor, "value": best[monitor], "step": best["step"]}
+    assert meta["step"] == best["step"]
+    assert first["step"] == best["step"]
+    assert [m["step"] for m in _lines(out) if f"best_{monitor}" in m][-1] == best["step"]
+    saved = load_checkpoint(out / "checkpoints" / f"step-{best['step']:09d}")[0]  # the same step's state
+    groups = load_checkpoint(path)[0]
+    for group in ("student", "teacher"):
+        assert all(torch.equal(v, saved[group][k]) for k, v in groups[group].items())
+    picture = (out / "views.png").read_bytes()
+
+    trainer = SemiTrainer(small(tiny_cifar, out, cache, **common), resume=True)
+    assert trainer.best_value == best[monitor]
+    trainer.fit()
+    evals = [m for m in _lines(out) if monitor in m and "final" not in m]
+    assert [m["step"] for m in evals] == [4, 8, 12, 16, 20]
+    best = _best_eval(evals, monitor)
+    _, meta = ckpt.best_checkpoint(out)
+    assert (meta["best"]["value"], meta["step"]) == (best[monitor], best["step"])  # over both attempts
+    assert (out / "views.png").read_bytes() == picture  # kept: a resumed run does not redraw it
+    assert not (out / "checkpoints" / "best").exists()
+
+
+def test_monitor_none_keeps_no_best(tiny_cifar, cache, tmp_path):
+    out = tmp_path / "run"
+    train(small(tiny_cifar, out, cache, max_steps=5, eval_every=5, monitor="none"))
+    assert not (out / "best").exists() and (out / "views.png").is_file()
+    with pytest.raises(ValueError, match="monitor='knn_top1' is not one of teacher_acc, student_acc, none"):
+        small(tiny_cifar, out, cache, monitor="knn_top1").validate()
 
 
 def test_labeled_split_is_balanced_saved_and_reused(tiny_cifar, cache, tmp_path):

@@ -276,8 +276,8 @@ def test_semi_names_its_run_and_resume_continues_it(offline, data, tmp_path):
     a, b = offline_runs(offline)
     assert a["id"] == b["id"] and (a["job_type"], a["group"], a["tags"], a["name"]) == ("semi", "fixmatch-sts",
                                                                                         ["sts"], "run")
-    assert sorted(a["history"]) == [1, 2] and sorted(b["history"]) == [3, 4]
-    assert "teacher_acc" in b["history"][4]
+    assert sorted(a["history"]) == [0, 1, 2] and sorted(b["history"]) == [3, 4]  # 0: the views before step 1
+    assert "views/path" in a["history"][0] and "teacher_acc" in b["history"][4]
 
 
 def test_linear_eval_tests_every_few_epochs_without_changing_the_training(data, tmp_path):

@@ -11,10 +11,11 @@ the step.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,56 @@ class RunTrainer:
                 path = str(runs.save_checkpoint(self.out, self.step, groups, meta, keep=self.config.keep_ckpts))
         ddp.barrier()
         return path
+
+    def _save(self, best: dict[str, Any] | None = None) -> str:
+        """Checkpoint the current step (`_write_checkpoint`); with `best`, as the run's best/."""
+        raise NotImplementedError
+
+    def _best_so_far(self, start: runs.Start | None) -> float:
+        """The monitored metric (`config.monitor`) of the run's best/ checkpoint (resumed runs; rank 0's reading
+        on every rank), -inf where there is none or it was chosen by another metric."""
+        c, value = self.config, -math.inf
+        if self.env.is_main and start is not None and c.monitor != "none" and (found := ckpt.best_checkpoint(self.out)):
+            best = found[1].get("best") or {}
+            if best.get("metric") == c.monitor and isinstance(best.get("value"), (int, float)):
+                value = float(best["value"])
+            else:
+                self.print(f"--resume: {found[0]} is the best by {best.get('metric')}, this run monitors "
+                           f"{c.monitor}: replaced at the next check")
+        return float(ddp.broadcast_(torch.tensor([value], dtype=torch.float64, device=self.env.device)).item())
+
+    def _keep_best(self, out: dict[str, float], epoch: float | None = None) -> str | None:
+        """After an evaluation (`out`: rank 0's results, accuracies in %): where the monitored metric
+        (`config.monitor`) beats `best_value`, the best so far, the run's best/ checkpoint becomes this step's
+        (`_save(best=...)`; every rank calls, rank 0's value decides) and `best_<metric>` is logged at this step
+        (and `epoch`, where the run counts epochs); the checkpoint's path, else None."""
+        metric = self.config.monitor
+        if metric == "none":
+            return None
+        value = torch.tensor([out.get(metric, math.nan)], dtype=torch.float64, device=self.env.device)
+        value = float(ddp.broadcast_(value).item())
+        if not math.isfinite(value) or value <= self.best_value:
+            return None
+        self.best_value = value
+        at = {"step": self.step} if epoch is None else {"step": self.step, "epoch": epoch}
+        path = self._save(best={"metric": metric, "value": value, **at})
+        self.log.log({**at, f"best_{metric}": value})
+        when = f"step {self.step}" if epoch is None else f"epoch {epoch:g}"
+        self.print(f"best {metric} so far: {value:.2f}% at {when} -> {path}")
+        return path
+
+    def _write_preview(self, views: Sequence[Tensor], recipe: Any, caption: str) -> None:
+        """The first batch's `views` (V batches [B, 3, S, S] normalised by `recipe`'s mean/std) of a few images,
+        as the pipeline produced them: `views.png` in the run folder and the wandb image "views" with `caption`
+        (rank 0; once per run folder, see `engine.preview`). A failure to write is a warning."""
+        if not self.env.is_main:
+            return
+        from fastse.engine.preview import FILE, write_views
+
+        try:
+            write_views(self.out, views, recipe, self.log, step=self.step, caption=caption)
+        except OSError as e:  # a picture is not worth stopping the run for
+            self.print(f"warning: {self.out / FILE} could not be written ({e.strerror or e})")
 
     def _teachers_bit_identical(self, teacher: nn.Module) -> list[float] | None:
         """Under DDP, at the end (the checksums agreed at every log line): every byte of `teacher`

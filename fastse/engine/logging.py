@@ -199,7 +199,8 @@ class RunLog:
             self.run = wb.init(project=project, entity=entity, group=group, tags=tags, name=name, job_type=job_type,
                                id=run_id, resume="allow", dir=_wandb_dir(folder), mode=mode,
                                config={**config, **_version_config()})
-            _define_metrics(self.run)
+            if job_type != "semi":  # FixMatch counts steps (its best_* too), not epochs
+                _define_metrics(self.run)
             _write_wandb_run(folder, {"id": run_id, "project": project, "entity": entity or self.run.entity or None,
                                       "name": name, "group": group or was.get("group"), "mode": mode,
                                       "step": max(self.wandb_after, 0)})

@@ -43,6 +43,7 @@ class RunConfig(Protocol):
     out: str
     device: str
     keep_ckpts: int
+    monitor: str  # "none": no best/ checkpoint
 
     def validate(self, world_size: int = 1) -> Any: ...
 
@@ -56,14 +57,16 @@ def preflight(config: RunConfig, *, resume: bool, fixed: Sequence[str],
               checkpoint_bytes: Callable[[Any], int]) -> tuple[ddp.Dist, Start | None, RunLock | None]:
     """Every check that needs neither the process group nor a GPU: the settings (`config.validate` for
     the launcher's world size), that the run folder can be written and has room for checkpoints of about
-    `checkpoint_bytes(config)` bytes, that no other run owns it, and the checkpoint to resume
-    (`find_checkpoint`). Returns this process's place (`distributed.launch_env`), the checkpoint to start
-    from (None: a fresh start) and, on rank 0, the run folder's lock, held for all the run's ranks until
-    released. Raises ValueError (CheckpointError, for the folder; FolderInUse) with one line."""
+    `checkpoint_bytes(config)` bytes (the last `keep_ckpts` and, unless `monitor` is "none", best/), that
+    no other run owns it, and the checkpoint to resume (`find_checkpoint`). Returns this process's place
+    (`distributed.launch_env`), the checkpoint to start from (None: a fresh start) and, on rank 0, the run
+    folder's lock, held for all the run's ranks until released. Raises ValueError (CheckpointError, for the
+    folder; FolderInUse) with one line."""
     env = ddp.launch_env(config.device)
     config.validate(env.world_size)
     out = Path(config.out)
-    ckpt.check_run_dir(out, checkpoint_bytes(config), keep=config.keep_ckpts)
+    ckpt.check_run_dir(out, checkpoint_bytes(config), keep=config.keep_ckpts,
+                       best=getattr(config, "monitor", "none") != "none")
     lock = None
     if env.is_main:
         try:

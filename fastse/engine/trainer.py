@@ -29,7 +29,6 @@ the steps after its checkpoint, which are written again.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -266,7 +265,7 @@ class Trainer(RunTrainer):
             self.print(f"kNN at epoch {epoch:g}: teacher top-1 {out['knn_top1']:.2f}% top-5 {out['knn_top5']:.2f}%"
                        f"{student}{probe} ({time.perf_counter() - started:.1f} s)")
         ddp.barrier()
-        if best := self._keep_best(out):
+        if best := self._keep_best(out, epoch=self.step / self.steps_per_epoch):
             out["best"] = best
         return out
 
@@ -319,48 +318,10 @@ class Trainer(RunTrainer):
         self.method.features = self.method.feature_index = None
 
     def _preview(self, views: tuple[Tensor, ...]) -> None:
-        """The first batch's views of a few images, as the pipeline produced them: `views.png` in the run
-        folder and the wandb image "views" (rank 0; once per run folder, see `engine.preview`)."""
-        if not self.env.is_main:
-            return
-        from fastse.engine.preview import write_views
-
+        """The first batch's views of a few images: `views.png` and the wandb image "views" (`_write_preview`)."""
         recipe = self.train_loader.recipe
-        caption = (f"{recipe.name} augmentation at {recipe.size} px: row i is view i of the first images of the batch "
-                   f"of step {self.step + 1}")
-        try:
-            write_views(self.out, views, recipe, self.log, step=self.step, caption=caption)
-        except OSError as e:  # a picture is not worth stopping the run for
-            self.print(f"warning: {self.out / 'views.png'} could not be written ({e.strerror or e})")
-
-    def _best_so_far(self, start: runs.Start | None) -> float:
-        """The monitored metric of the run's best/ checkpoint (resumed runs; rank 0's reading on every rank),
-        -inf where there is none or it was chosen by another metric."""
-        c, value = self.config, -math.inf
-        if self.env.is_main and start is not None and c.monitor != "none" and (found := ckpt.best_checkpoint(self.out)):
-            best = found[1].get("best") or {}
-            if best.get("metric") == c.monitor and isinstance(best.get("value"), (int, float)):
-                value = float(best["value"])
-            else:
-                self.print(f"--resume: {found[0]} is the best by {best.get('metric')}, this run monitors "
-                           f"{c.monitor}: replaced at the next check")
-        return float(ddp.broadcast_(torch.tensor([value], dtype=torch.float64, device=self.env.device)).item())
-
-    def _keep_best(self, out: dict[str, float]) -> str | None:
-        """After a kNN check (`out`: rank 0's results): where the monitored metric beats the best so far, the
-        run's best/ checkpoint is this step's (every rank calls; rank 0's value decides); its path, else None."""
-        metric = self.config.monitor
-        if metric == "none":
-            return None
-        value = torch.tensor([out.get(metric, math.nan)], dtype=torch.float64, device=self.env.device)
-        value = float(ddp.broadcast_(value).item())
-        if not math.isfinite(value) or value <= self.best_value:
-            return None
-        self.best_value, epoch = value, self.step / self.steps_per_epoch
-        path = self._save(best={"metric": metric, "value": value, "step": self.step, "epoch": epoch})
-        self.log.log({"step": self.step, "epoch": epoch, f"best_{metric}": value})
-        self.print(f"best {metric} so far: {value:.2f}% at epoch {epoch:g} -> {path}")
-        return path
+        self._write_preview(views, recipe, f"{recipe.name} augmentation at {recipe.size} px: row i is view i of the "
+                                           f"first images of the batch of step {self.step + 1}")
 
     # ----------------------------------------------------------------------------- checkpoints
 

@@ -20,6 +20,7 @@ DATASETS = ("cifar10", "cifar100")
 BUFFER_MODES = ("copy", "ema")  # the teacher runs no train-mode forwards: its BN statistics come from the student
 DTYPES = ("bf16", "fp32")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+MONITORS = ("teacher_acc", "student_acc", "none")  # what the best/ checkpoint is chosen by (test top-1, %)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class SemiConfig:
     log_every: int = 100                # steps between metrics lines (the only host syncs of training)
     ckpt_every: int = 4096              # steps between checkpoints (and one at the end)
     keep_ckpts: int = 3
+    monitor: str = "teacher_acc"        # best/ is the best evaluation by: teacher_acc | student_acc | none
     wandb: str = "auto"                 # auto (online with credentials, else offline) | online | offline | disabled
     wandb_project: str | None = None    # default: $WANDB_PROJECT, else "fastse"
     wandb_entity: str | None = None     # default: $WANDB_ENTITY, else wandb's default entity
@@ -98,7 +100,7 @@ class SemiConfig:
             raise ValueError("out='' names no folder: give the run folder")
         for name, choices in (("smoothing", RULES), ("granularity", GRANULARITIES), ("buffers", BUFFER_MODES),
                               ("dtype", DTYPES), ("wandb", WANDB_MODES),
-                              ("compile_mode", COMPILE_MODES)):
+                              ("compile_mode", COMPILE_MODES), ("monitor", MONITORS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
         check_wandb_settings(self)

@@ -7,7 +7,10 @@ loss terms are summed on the device and read, with the teacher statistics, every
 Every `eval_every` steps both models are evaluated on the test set (sharded over the ranks); the
 result reports the last accuracies and the median of the last 20 evaluations (FixMatch's way). Every
 `ckpt_every` steps and at the end rank 0 writes a checkpoint; `resume=True` continues from the newest
-one exactly where it stopped (bit-identically on CPU with `deterministic`).
+one exactly where it stopped (bit-identically on CPU with `deterministic`). Beside the step, as in
+pretraining (`engine.base`): the first batch's weak and strong unlabeled views go to `views.png`
+(`engine.preview`), and an evaluation whose `monitor` top-1 is the best so far makes that step the run's
+`best/` checkpoint.
 
 Faults are met as in pretraining (`fastse.engine.runs`): every rank checks the settings, a resumed
 run's fixed settings (model, labels, teacher rule) and the run folder before it joins the process group
@@ -47,7 +50,8 @@ MEDIAN_OF = 20  # evaluations in the reported median
 # fields that may change between a run and its resumption without changing what is trained
 _RESUMABLE = frozenset({"max_steps", "time_limit", "out", "wandb", "wandb_project", "wandb_entity", "wandb_group",
                         "wandb_tags", "wandb_name", "log_every", "eval_every",
-                        "ckpt_every", "keep_ckpts", "device", "cache_dir", "compile", "compile_mode", "data"})
+                        "ckpt_every", "keep_ckpts", "device", "cache_dir", "compile", "compile_mode", "data",
+                        "monitor"})
 # fields a resumed run must share with its checkpoint: the model, labeled split and teacher rule it holds
 _FIXED = ("depth", "widen", "num_labels", "smoothing", "keep_prob", "granularity", "buffers")
 
@@ -106,6 +110,7 @@ class SemiTrainer(RunTrainer):
         if start is not None:
             self._load(*start)
         self.check_same_start()
+        self.best_value = self._best_so_far(start)
 
         train_student, teacher = student, self.model.teacher
         if env.world_size > 1:
@@ -138,7 +143,10 @@ class SemiTrainer(RunTrainer):
         batches, stopped = self.data.batches(self.step), None
         with self._running(), self.progress_bar() as bar:
             while self.step < self.stop_step and not stopped:
-                stats = self.train_step(next(batches))
+                batch = next(batches)
+                if self.step == first_step:
+                    self._preview(batch)
+                stats = self.train_step(batch)
                 self.step += 1
                 bar.update()
                 self.losses.add(stats, self.step)  # steps count from 1, as in the log lines
@@ -226,7 +234,17 @@ class SemiTrainer(RunTrainer):
         self.log.log({"step": self.step, **acc, "eval_s": seconds})
         self.print(f"step {self.step}: test top-1 teacher {acc['teacher_acc']:.2f}% student {acc['student_acc']:.2f}% "
                    f"({seconds:.1f} s)")
+        if best := self._keep_best(acc):
+            return {**acc, "best": best}
         return acc
+
+    def _preview(self, batch: Batch) -> None:
+        """The weak and strong views of the first unlabeled images of `batch` (the first of the run):
+        `views.png` and the wandb image "views" (`_write_preview`)."""
+        recipe = self.data.unlabeled.recipe  # the strong recipe; the weak one has its mean and std
+        caption = (f"FixMatch augmentation at {recipe.size} px: row 1 the weak, row 2 the strong view of the first "
+                   f"unlabeled images of step {self.step + 1}")
+        self._write_preview(batch[2:4], recipe, caption)
 
     def _report(self) -> dict[str, Any]:
         """The final line: last accuracies, the medians of the last `MEDIAN_OF` evaluations and (DDP) the
@@ -245,9 +263,10 @@ class SemiTrainer(RunTrainer):
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def _save(self) -> str:
-        """Checkpoint the current step (`_write_checkpoint`), with the evaluations so far."""
-        return self._write_checkpoint(self.model, evals=self.evals, data=self.data_record)
+    def _save(self, best: dict[str, Any] | None = None) -> str:
+        """Checkpoint the current step (`_write_checkpoint`), with the evaluations so far; with `best` (every
+        rank alike), the run's best/ checkpoint."""
+        return self._write_checkpoint(self.model, best=best, evals=self.evals, data=self.data_record)
 
     def _load(self, path: Path, meta: dict) -> None:
         groups, meta = ckpt.load_checkpoint(path, device=self.env.device)  # checksums verified
