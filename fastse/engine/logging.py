@@ -150,7 +150,21 @@ def _define_metrics(run: Any) -> None:
         run.define_metric(pattern, step_metric="epoch")
 
 
-class RunLog:
+class _Log:
+    """A metrics file (`file`) and, where wandb is on, a wandb run (`run`) of this process."""
+
+    enabled: bool
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class RunLog(_Log):
     """Appends one JSON object per `log` call to `run_dir/metrics.jsonl` and sends it to wandb (mode
     online | offline | disabled | auto, see `wandb_mode`) with the config, the fastse version and the git
     commit. Each line also gets `wall_s`, the seconds since this RunLog opened (this process's start of the
@@ -229,16 +243,9 @@ class RunLog:
 
             echo(text)
 
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        self.file.close()
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
 
 
-class EvalLog:
+class EvalLog(_Log):
     """Where `fastse knn` and `fastse eval-linear` send a result `key` ("knn", "linear_fast", ...). On a run
     folder with a wandb run (`wandb_run.json`): into that run, continued (its project and entity): the
     top-1/top-5 in its summary and in one history row, after the run's last step, at the epoch the run
@@ -319,13 +326,6 @@ class EvalLog:
         self.run.summary.update(scores)
         _write_wandb_run(self.target, {**self.recorded, "step": self.step})
 
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        self.file.close()
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
 
 
 def _run_epoch(folder: Path) -> float | None:
