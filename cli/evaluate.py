@@ -214,7 +214,7 @@ def _check_wandb(common: dict[str, Any]) -> None:
 
     from fastse.cli.training import as_flags
 
-    from fastse.engine.logging import check_wandb_settings
+    from fastse.wandb_settings import check_wandb_settings
 
     try:
         check_wandb_settings(SimpleNamespace(**{k: common[k] for k in ("wandb", *_NAMING)}))
@@ -227,7 +227,8 @@ def _evallog(folder: Path, kind: str, common: dict[str, Any], settings: dict[str
     the wandb run of a run folder that has one, else a run of its own; metrics.jsonl in folder/eval/<kind>.
     One that does nothing when wandb is off, and (with a warning) where the folder cannot be written: the
     result is evaluated all the same."""
-    from fastse.engine.logging import EvalLog, read_wandb_run, wandb_tags
+    from fastse.engine.logging import EvalLog, read_wandb_run
+    from fastse.wandb_settings import wandb_tags
 
     checkpoint = Path(common["checkpoint"]).expanduser()
     key = kind + ("_student" if common["which"] == "student" else "")

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastse.engine.logging import check_wandb_settings
 from fastse.models.resnet import ARCHS
 from fastse.smoothing import BUFFER_MODES, GRANULARITIES, RULES
+from fastse.wandb_settings import check_wandb_settings
 
 METHODS = ("byol", "mocov2")
 OPTIMIZERS = ("sgd", "lars")

@@ -14,76 +14,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import netrc
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from fastse.atomic import write_atomic
+from fastse.wandb_settings import wandb_mode, wandb_tags
 
 log = logging.getLogger("fastse")
 
 
 WANDB_RUN = "wandb_run.json"  # in the run folder: the wandb run's id, project and entity, the last step logged
-_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
-              "disabled": "disabled"}  # WANDB_MODE values wandb accepts
-_BAD_NAME_CHARS = "/\\#?%:"  # not allowed in wandb project and entity names
-
-
-def wandb_mode(mode: str) -> str:
-    """`auto` -> WANDB_MODE where set (WANDB_DISABLED=true: "disabled"), else "online" where wandb
-    credentials are configured (WANDB_API_KEY, or an api.wandb.ai entry in the netrc file), else
-    "offline"; other modes as given. An unknown WANDB_MODE raises ValueError."""
-    if mode != "auto":
-        return mode
-    env = os.environ.get("WANDB_MODE", "").strip().lower()
-    if env:
-        if env not in _ENV_MODES:
-            raise ValueError(f"WANDB_MODE={os.environ['WANDB_MODE']!r} is not one of online, offline, disabled")
-        return _ENV_MODES[env]
-    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
-        return "disabled"
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "online" if netrc.netrc(path).authenticators("api.wandb.ai") else "offline"
-    except (OSError, netrc.NetrcParseError):
-        return "offline"
-
-
-def wandb_tags(tags: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
-    """Tags from a comma-separated string (the flag) or a list (a config file); None when not given."""
-    if tags is None:
-        return None
-    items = tags.split(",") if isinstance(tags, str) else list(tags)
-    return [str(t).strip() for t in items]
-
-
-def check_wandb_settings(config: Any) -> None:
-    """Raise ValueError with one line for a wandb setting of `config` (a run config's `wandb_*` fields)
-    or a WANDB_MODE that wandb would refuse."""
-    wandb_mode(getattr(config, "wandb", "auto"))
-    for field in ("wandb_project", "wandb_entity", "wandb_group", "wandb_name"):
-        value = getattr(config, field, None)
-        if value is None:
-            continue
-        if not isinstance(value, str) or not value.strip() or len(value) > 128:
-            raise ValueError(f"{field}={value!r} must be a name of 1 to 128 characters")
-        if field in ("wandb_project", "wandb_entity") and (bad := set(value) & set(_BAD_NAME_CHARS)):
-            raise ValueError(f"{field}={value!r}: a wandb {field[6:]} name cannot hold {' '.join(sorted(bad))}")
-    tags = getattr(config, "wandb_tags", None)
-    if tags is not None and not isinstance(tags, (str, list, tuple)):
-        raise ValueError(f"wandb_tags={tags!r} must be comma-separated tags")
-    for tag in wandb_tags(tags) or ():
-        if not 1 <= len(tag) <= 64:
-            raise ValueError(f"wandb_tags={tags!r}: every tag must have 1 to 64 characters")
-
-
 def wandb_options(config: Any, job_type: str) -> dict[str, Any]:
     """The keyword arguments of `RunLog` for the wandb settings of a run config, and the run's `job_type`."""
     get = lambda name: getattr(config, name, None)
@@ -105,21 +51,24 @@ def _write_wandb_run(folder: Path, info: dict[str, Any]) -> None:
     write_atomic(folder / WANDB_RUN, json.dumps(info, indent=1) + "\n")
 
 
-def _last_step(path: Path) -> int:
-    """The largest "step" in the JSON-lines file `path` (0 when it has none)."""
-    last = 0
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of the JSON-lines file `path`, other lines skipped; none where it cannot be read."""
     try:
         with open(path) as f:
             for line in f:
                 try:
-                    step = json.loads(line).get("step")
-                except (ValueError, AttributeError):
+                    record = json.loads(line)
+                except ValueError:
                     continue
-                if isinstance(step, int) and step > last:
-                    last = step
+                if isinstance(record, dict):
+                    yield record
     except OSError:
-        pass
-    return last
+        return
+
+
+def _last_step(path: Path) -> int:
+    """The largest "step" in the JSON-lines file `path` (0 when it has none)."""
+    return max([0, *(r["step"] for r in _records(path) if isinstance(r.get("step"), int))])
 
 
 def _new_run_id() -> str:
@@ -232,7 +181,7 @@ class RunLog(_Log):
     def image(self, key: str, path: str | Path, *, step: int, caption: str = "") -> None:
         """Send the picture file `path` to wandb as the image `key` at `step` (wandb.Image; not in
         metrics.jsonl: the file is in the run folder). Nothing where wandb does not log or has that step."""
-        if self.enabled and self.run is not None and step >= getattr(self, "wandb_after", 0):
+        if self.enabled and self.run is not None and step >= self.wandb_after:
             import wandb as wb
 
             self.run.log({key: wb.Image(str(path), caption=caption or None)}, step=step)
@@ -242,7 +191,6 @@ class RunLog(_Log):
             from fastse.engine.progress import echo
 
             echo(text)
-
 
 
 class EvalLog(_Log):
@@ -327,7 +275,6 @@ class EvalLog(_Log):
         _write_wandb_run(self.target, {**self.recorded, "step": self.step})
 
 
-
 def _run_epoch(folder: Path) -> float | None:
     """The epoch of the run folder's newest checkpoint (what an evaluation of the folder measures), else
     the last epoch in its metrics.jsonl, else None."""
@@ -341,18 +288,8 @@ def _run_epoch(folder: Path) -> float | None:
                 return epoch
     except (OSError, ValueError):
         pass
-    epoch = None
-    try:
-        with open(folder / "metrics.jsonl") as f:
-            for line in f:
-                try:
-                    value = json.loads(line).get("epoch")
-                except (ValueError, AttributeError):
-                    continue
-                epoch = value if isinstance(value, (int, float)) else epoch
-    except OSError:
-        pass
-    return epoch
+    epochs = [r["epoch"] for r in _records(folder / "metrics.jsonl") if isinstance(r.get("epoch"), (int, float))]
+    return epochs[-1] if epochs else None
 
 
 def truncate_metrics(path: Path, step: int) -> None:

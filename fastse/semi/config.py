@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastse.config import COMPILE_MODES, require_finite
-from fastse.engine.logging import check_wandb_settings
 from fastse.smoothing import GRANULARITIES, RULES
+from fastse.wandb_settings import check_wandb_settings
 
 DATASETS = ("cifar10", "cifar100")
 BUFFER_MODES = ("copy", "ema")  # the teacher runs no train-mode forwards: its BN statistics come from the student
