@@ -24,8 +24,9 @@ epoch reshuffles); the table says how many epoch ends the timed real blocks cros
 
 With the DALI loader, each `--variant` (repeatable) times the same compiled step with the loader built
 again with other options: `hw=` share of JPEGs for the hardware decoder, `threads=` DALI CPU threads,
-`decode=shared|fused`, `dali_priority=` CUDA priority of DALI's streams, `step=default` to train on
-the default stream instead of the trainer's high-priority one. The first variant is the loader as the
+`decode=shared|fused`, `decoder=gpu|cpu` (nvJPEG, or DALI's CPU threads with only the augmentation
+on the GPU), `dali_priority=` CUDA priority of DALI's streams, `step=default` to train on the default
+stream instead of the trainer's high-priority one. The first variant is the loader as the
 trainer builds it unless named otherwise.
 """
 
@@ -52,7 +53,7 @@ from steptime import profile, timed  # noqa: E402  (benchmarks/steptime.py)
 from fastse.config import COMPILE_MODES, PRESETS, preset  # noqa: E402
 from fastse.engine.trainer import Trainer  # noqa: E402
 
-VARIANT_KEYS = {"hw": float, "threads": int, "decode": str, "dali_priority": int, "step": str}
+VARIANT_KEYS = {"hw": float, "threads": int, "decode": str, "decoder": str, "dali_priority": int, "step": str}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -65,9 +66,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
             raise argparse.ArgumentTypeError(f"variant {text!r}: {item!r} is not one of "
                                              f"{', '.join(k + '=' for k in VARIANT_KEYS)}")
         options[key] = VARIANT_KEYS[key](value)
-    if options.get("decode", "shared") not in ("shared", "fused") or options.get("step", "trainer") not in (
-            "trainer", "default"):
-        raise argparse.ArgumentTypeError(f"variant {text!r}: decode=shared|fused, step=trainer|default")
+    if (options.get("decode", "shared") not in ("shared", "fused") or options.get("step", "trainer") not in (
+            "trainer", "default") or options.get("decoder", "gpu") not in ("gpu", "cpu")):
+        raise argparse.ArgumentTypeError(f"variant {text!r}: decode=shared|fused, decoder=gpu|cpu, "
+                                         "step=trainer|default")
     return name, options
 
 
@@ -86,7 +88,8 @@ def variant_loader(loader, options: dict):
         channels_last=loader.channels_last, drop_last=loader.drop_last, indices=loader.pool,
         num_threads=options.get("threads"), fused_decode=None if decode is None else decode == "fused",
         stream_priority=options.get("dali_priority", loader.stream_priority),
-        hw_decoder_load=options.get("hw", loader.hw_decoder_load), sizes=loader.sizes)
+        hw_decoder_load=options.get("hw", loader.hw_decoder_load), sizes=loader.sizes,
+        cpu_decode=options.get("decoder", "cpu" if loader.cpu_decode else "gpu") == "cpu")
 
 
 class Batches:

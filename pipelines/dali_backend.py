@@ -105,16 +105,20 @@ class _Graph:
     `value(key)` is that sample's scalar."""
 
     def __init__(self, recipe: Recipe, *, gpu: bool, fused_decode: bool, out_dtype: str, layout: str,
-                 decoder_options: dict):
+                 decoder_options: dict, cpu_decode: bool = False):
         self.recipe, self.gpu, self.fused = recipe, gpu, fused_decode
         self.size, self.out_dtype, self.layout = recipe.size, getattr(types, out_dtype), layout
-        self.decoder = "mixed" if gpu else "cpu"
-        self.decoder_options = decoder_options if gpu else {}
+        self.decoder = "mixed" if gpu and not cpu_decode else "cpu"
+        self.decoder_options = decoder_options if self.decoder == "mixed" else {}
         self.table, self.keys = None, ()
 
     def value(self, key: str):
         """This view's decision `key` for each sample: a float32 scalar on the CPU."""
         return self.table[self.keys.index(key)]
+
+    def to_device(self, images):
+        """Decoded images moved to where the graph augments them (the GPU, after a CPU decode)."""
+        return images.gpu() if self.gpu and self.decoder == "cpu" else images
 
     def dev(self, node):
         """A CPU per-sample value moved next to the images (GPU arithmetic takes GPU operands)."""
@@ -136,8 +140,8 @@ class _Graph:
                 x, ops = self.fused_crop(jpegs, ops[0]), ops[1:]
             else:
                 if decoded is None:
-                    decoded = fn.decoders.image(jpegs, device=self.decoder, output_type=types.RGB,
-                                                **self.decoder_options)
+                    decoded = self.to_device(fn.decoders.image(jpegs, device=self.decoder, output_type=types.RGB,
+                                                               **self.decoder_options))
                 x = decoded
             outs.append(self.view(x, ops))
         return outs
@@ -171,7 +175,7 @@ class _Graph:
         start, end = self.window()
         x = fn.decoders.image_slice(jpegs, rel_start=start, rel_end=end, axis_names="HW", device=self.decoder,
                                     output_type=types.RGB, **self.decoder_options)
-        return fn.resize(x, size=[op.params["size"]] * 2, antialias=True)
+        return fn.resize(self.to_device(x), size=[op.params["size"]] * 2, antialias=True)
 
     def random_resized_crop(self, x, op: Op):
         start, end = self.window()
@@ -316,17 +320,18 @@ _RA = {
 
 @pipeline_def(enable_conditionals=True)
 def recipe_pipeline(recipe: Recipe, *, gpu: bool, fused_decode: bool, out_dtype: str = "FLOAT", layout: str = "CHW",
-                    decoder_options: dict | None = None):
+                    decoder_options: dict | None = None, cpu_decode: bool = False):
     """The DALI graph of `recipe`. Fed each iteration (`Pipeline.feed_input`): "jpegs" (the encoded
     files, uint8 [bytes] per sample, not copied: keep them alive until the batch's outputs are taken),
     "labels" (int64 per sample) and, per view i with decisions, "decisions{i}" (float32
     [len(decisions.view_keys(view))] per sample). Outputs: one normalized image batch per view
     (`layout` CHW or HWC, `out_dtype` FLOAT/FLOAT16), then the labels. `decoder_options` go to the
-    GPU ("mixed") decoders (hw_decoder_load, memory paddings, size hints)."""
+    GPU ("mixed") decoders (hw_decoder_load, memory paddings, size hints). `cpu_decode` (GPU mode):
+    decode on the CPU threads, then augment on the GPU, which then spends no SM time on decoding."""
     jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1, no_copy=True)
     labels = fn.external_source(name="labels", dtype=types.INT64, ndim=0)
     graph = _Graph(recipe, gpu=gpu, fused_decode=fused_decode, out_dtype=out_dtype, layout=layout,
-                   decoder_options=decoder_options or {})
+                   decoder_options=decoder_options or {}, cpu_decode=cpu_decode)
     return (*graph.views(jpegs), labels.gpu() if gpu else labels)
 
 
@@ -398,7 +403,8 @@ class DaliLoader:
     range is `torch.cuda.Stream.priority_range()`); None keeps DALI's default. hw_decoder_load: the
     share of JPEGs sent to the GPU's hardware decoder (where it has one); None keeps DALI's default.
     sizes: the images' (height, width) [N, 2] (an ImageFolderIndex has them), which size the hardware
-    decoder's preallocated buffers.
+    decoder's preallocated buffers. cpu_decode (GPU mode): decode the JPEGs on DALI's CPU threads (then
+    all but one core, up to 16, by default) and only augment on the GPU, leaving its SMs to the step.
     """
 
     def __init__(
@@ -424,6 +430,7 @@ class DaliLoader:
         stream_priority: int | None = None,
         hw_decoder_load: float | None = None,
         sizes: np.ndarray | None = None,
+        cpu_decode: bool = False,
     ):
         require_dali()
         if hasattr(files, "files"):  # an ImageFolderIndex
@@ -448,7 +455,8 @@ class DaliLoader:
         self.dtype, self.channels_last, self.return_params = dtype, channels_last, return_params
         gpu = self.device_id is not None
         self.fused_decode = len(recipe.views) == 1 and not gpu if fused_decode is None else fused_decode
-        self.num_threads, self.prefetch = num_threads or default_threads(gpu), prefetch
+        self.cpu_decode = cpu_decode and gpu
+        self.num_threads, self.prefetch = num_threads or default_threads(gpu and not cpu_decode), prefetch
         self.stream_priority, self.hw_decoder_load = stream_priority, hw_decoder_load
         self.sizes = None if sizes is None else np.asarray(sizes)
         self._size_hint = None if sizes is None or not len(sizes) else np.percentile(sizes, 99, axis=0).astype(int)
@@ -493,7 +501,7 @@ class DaliLoader:
                            preallocate_width_hint=int(self._size_hint[1]))
         return recipe_pipeline(
             self.recipe, gpu=gpu, fused_decode=self.fused_decode, out_dtype=_DALI_DTYPES[self.dtype],
-            layout="HWC" if self.channels_last else "CHW", decoder_options=options,
+            layout="HWC" if self.channels_last else "CHW", decoder_options=options, cpu_decode=self.cpu_decode,
             batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
             prefetch_queue_depth=self.prefetch,
             **({} if self.stream_priority is None or not gpu

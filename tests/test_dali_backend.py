@@ -548,6 +548,22 @@ def test_gpu_224(large_jpegs, name, fused):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_cpu_decode_is_the_cpu_decode_augmented_on_the_gpu(large_jpegs, fused):
+    """cpu_decode=True: libjpeg-turbo on DALI's threads, then the GPU's resize and crop: the deterministic
+    eval view equals CPU mode's image by image (GPU and CPU resampling: ~1 level of 255)."""
+    recipe = recipes.get_recipe("eval" if not fused else "linear", 224)
+    dev = loader(large_jpegs, recipe, batch_size=8, device="cuda", cpu_decode=True, fused_decode=fused)
+    assert dev.cpu_decode and dev.num_threads == dali_backend.default_threads(gpu=False)
+    (view,), ids = next(iter(dev))
+    assert view.is_cuda and ids.is_cuda and view.shape == (8, 3, 224, 224)
+    (cpu,), cpu_ids = next(iter(loader(large_jpegs, recipe, batch_size=8, fused_decode=fused)))
+    assert torch.equal(cpu_ids, ids.cpu())
+    assert (view.float().cpu() - cpu).abs().mean((1, 2, 3)).max() < 0.05
+
+
+@gpu
+@pytest.mark.gpu
 def test_gpu_tensors_are_owned(cifar):
     it = iter(loader(cifar[0][:1024], recipes.byol(32), batch_size=256, device="cuda"))
     views, labels = next(it)
