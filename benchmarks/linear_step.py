@@ -2,7 +2,8 @@
 training loader against the same step on a fixed batch already on the device, measured in one run.
 
     python benchmarks/linear_step.py --data <ImageNet-layout tree> [--protocol byol] [--loader dali]
-        [--steps 200 --rounds 3 --warmup 20] [--hw-decoder-load 0.9] [--decode shared|fused] [--stream default]
+        [--steps 200 --rounds 3 --warmup 20] [--hw-decoder-load 0.9] [--decode shared|fused]
+        [--decoder cpu] [--threads N] [--stream default]
 
 A step is `eval.linear.train_head` over `eval.linear.frozen_features`, as `eval-linear` runs it: the
 backbone (ResNet-50, random weights: speed does not depend on them; eval mode, bf16 autocast,
@@ -50,6 +51,9 @@ def main() -> None:
                     help="the step on a high-priority CUDA stream (as eval-linear runs it) or the default one")
     ap.add_argument("--decode", choices=("shared", "fused"), default=None,
                     help="DALI: decode whole images, or just the crop window (the default for one view)")
+    ap.add_argument("--decoder", choices=("gpu", "cpu"), default="gpu",
+                    help="DALI: decode with nvJPEG, or on DALI's CPU threads and augment on the GPU")
+    ap.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: by the decoder)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=20)
@@ -65,6 +69,12 @@ def main() -> None:
         loader.hw_decoder_load = args.hw_decoder_load
     if args.decode:
         loader.fused_decode = args.decode == "fused"
+    if args.decoder == "cpu" and cuda:
+        from fastse.pipelines.dali_backend import default_threads
+
+        loader.cpu_decode, loader.num_threads = True, default_threads(gpu=False)
+    if args.threads:
+        loader.num_threads = args.threads
     backbone = _frozen(resnet_backbone(args.arch), device)
     with torch.no_grad():
         dim = backbone(torch.zeros(2, 3, data.size, data.size, device=device)).flatten(1).shape[1]
