@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,9 +53,23 @@ def _items(items) -> dict:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
-def offline_runs(wandb_dir: Path) -> list[dict]:
+def offline_runs(wandb_dir: Path, patience: float = 30.0) -> list[dict]:
     """Every offline run under `wandb_dir` (WANDB_DIR), oldest first: its id, project, name, group, tags,
-    job type, config, history rows {step: row} and summary."""
+    job type, config, history rows {step: row} and summary. wandb's service process may still be
+    flushing a file after `finish()` returns (seen on a loaded 2-core machine): a file without its run
+    record yet is read again for up to `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        runs = _read_offline_runs(wandb_dir)
+        unfinished = [str(r["path"]) for r in runs if "started" not in r]
+        if not unfinished:
+            return sorted(runs, key=lambda r: r["started"])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no run record in {unfinished} after {patience} s")
+        time.sleep(0.5)
+
+
+def _read_offline_runs(wandb_dir: Path) -> list[dict]:
     runs = []
     for path in sorted((wandb_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         run = {"history": {}, "summary": {}, "path": path}
@@ -70,7 +85,7 @@ def offline_runs(wandb_dir: Path) -> list[dict]:
             elif kind == "summary":
                 run["summary"].update(_items(record.summary.update))
         runs.append(run)
-    return sorted(runs, key=lambda r: r["started"])
+    return runs
 
 
 @pytest.fixture
