@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import struct
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -249,7 +250,9 @@ class _TorchGroup:
                     torch._foreach_lerp_(ts, ss, weight)
             return len(sel)
         if self.flat is None:
-            self.flat = _FlatUpdate(self)
+            fn = _philox_weights_kernel(self.device) if self.t and self.t[0].dtype == torch.float32 else None
+            use_jit = fn is not None and plan.n_index <= _JIT_MAX_FRAGMENTS
+            self.flat = _JitUpdate(self, fn) if use_jit else _FlatUpdate(self)
         return self.flat.run(rule, key, keep_prob, weight)
 
 
@@ -314,6 +317,86 @@ class _FlatUpdate:
         torch.where(mask, self.fs, self.ft, out=self.ft)
         torch._foreach_copy_(self.teacher, self.ft_views)
         return _Deferred(lambda: int(sum(f.sum() for f in flagged)))  # one sync, when asked
+
+
+# One CUDA C++ function compiled at run time by torch's jiterator (NVRTC), for CUDA without Triton: fragment index
+# (a uint32 carried in a float32's bits: jiterator promotes its inputs to one dtype) -> the fragment's lerp weight,
+# `weight` where its Philox draw (`fastse.philox`: word (f % 8) // 2 of Philox4x32-10 at counter f // 8, low or
+# high 16 bits) is >= `threshold`, else 0.
+_PHILOX_WEIGHT_CODE = r"""
+template <typename T> T fastse_philox_weight(T fragment, long long key_lo, long long key_hi, long long threshold,
+                                              double weight) {
+  unsigned int f = __float_as_uint(fragment);
+  unsigned int c0 = f >> 3, c1 = 0u, c2 = 0u, c3 = 0u;
+  unsigned int k0 = (unsigned int)key_lo, k1 = (unsigned int)key_hi;
+  #pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    unsigned int hi_a = __umulhi(0xD2511F53u, c0), lo_a = 0xD2511F53u * c0;
+    unsigned int hi_b = __umulhi(0xCD9E8D57u, c2), lo_b = 0xCD9E8D57u * c2;
+    c0 = hi_b ^ c1 ^ k0; c1 = lo_b; c2 = hi_a ^ c3 ^ k1; c3 = lo_a;
+    k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+  }
+  unsigned int lane = (f & 7u) >> 1;
+  unsigned int word = lane == 0u ? c0 : lane == 1u ? c1 : lane == 2u ? c2 : c3;
+  unsigned int draw = (f & 1u) ? (word >> 16) : (word & 0xFFFFu);
+  return draw >= (unsigned int)threshold ? (T)weight : (T)0;
+}
+"""
+_JIT_MAX_FRAGMENTS = 0x7F800000  # fragment indices whose float32 bits are finite numbers (no NaN payloads)
+_JIT_KERNELS: dict[torch.device, Callable | None] = {}
+
+
+def _philox_weights_kernel(device: torch.device) -> Callable | None:
+    """The jiterator kernel of `_PHILOX_WEIGHT_CODE` on this CUDA device, once it has drawn what `fastse.philox`
+    draws for fragments at both ends of its range; None (with a warning) where it cannot be compiled (no NVRTC,
+    ROCm) or disagrees, and on CPUs."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return None
+    if device not in _JIT_KERNELS:
+        _JIT_KERNELS[device] = None
+        try:
+            fn = torch.cuda.jiterator._create_jit_fn(_PHILOX_WEIGHT_CODE, key_lo=0, key_hi=0, threshold=0, weight=0.0)
+            key, threshold = philox.step_key(2021, 7), _threshold16(0.5)
+            ends = (0, _JIT_MAX_FRAGMENTS - 4096)
+            ids = torch.cat([torch.arange(a, a + 4096, dtype=torch.int64, device=device) for a in ends])
+            got = fn(ids.to(torch.int32).view(torch.float32), key_lo=key & 0xFFFFFFFF, key_hi=key >> 32,
+                     threshold=threshold, weight=1.0) != 0
+            want = philox.draws_at_least(key, ids[::8] >> 3, threshold).view(-1)
+            if not torch.equal(got, want):
+                raise RuntimeError("its Philox draws differ from fastse.philox's")
+            _JIT_KERNELS[device] = fn
+        except Exception as e:  # noqa: BLE001  (NVRTC or driver errors of any kind: the plain torch ops still work)
+            warnings.warn(f"fastse: the jiterator teacher-update kernel is unavailable on {device} ({e}); "
+                          "channel/element updates without Triton fall back to plain torch ops (slower)", stacklevel=3)
+    return _JIT_KERNELS[device]
+
+
+class _JitUpdate:
+    """The masked channel/element update of a float32 CUDA torch group (CUDA without Triton): one jiterator kernel
+    turns each element's fragment index into its lerp weight (1 − momentum for sts, 1 for se, 0 where the fragment
+    is kept), then one `torch._foreach_lerp_` with those weights updates the teacher in place. 24 B a parameter
+    (the floor is 12); holds one int32 fragment index per element. The same elements as the CPU path, and the
+    same values for finite tensors (a weight-0 lerp leaves the teacher, a weight-1 lerp gives the student)."""
+
+    def __init__(self, group: _TorchGroup, fn: Callable):
+        plan, device = group.plan, group.device
+        ids, fragments = [], []
+        for k, i in enumerate(group.idx):
+            n, base, count = group.t[k].numel(), plan.frag_bases[i], plan.frag_counts[i]
+            first = torch.arange(base, base + count, dtype=torch.int64, device=device)
+            fragments.append(first)
+            ids.append(first.repeat_interleave(n // count) if count and count != n else first)
+        # fragment index of each element in memory order (a channel's elements are contiguous: dim 0 outermost)
+        self.element_fragments = torch.cat(ids).to(torch.int32).view(torch.float32)
+        self.fragments = (self.element_fragments if plan.granularity == "element"
+                          else torch.cat(fragments).to(torch.int32).view(torch.float32))
+        self.t, self.s, self.sizes, self.fn = group.t, group.s, [t.numel() for t in group.t], fn
+
+    def run(self, rule: str, key: int, keep_prob: float, weight: float) -> _Deferred:
+        args = dict(key_lo=key & 0xFFFFFFFF, key_hi=key >> 32, threshold=_threshold16(keep_prob))
+        weights = self.fn(self.element_fragments, weight=1.0 if rule == "se" else weight, **args)
+        torch._foreach_lerp_(self.t, self.s, weights.split(self.sizes))
+        return _Deferred(lambda: int((self.fn(self.fragments, weight=1.0, **args) != 0).sum()))  # one sync, when asked
 
 
 def _threshold16(keep_prob: float) -> int:

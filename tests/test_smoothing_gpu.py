@@ -91,3 +91,16 @@ def test_torch_path_on_cuda_matches_cpu(rule, granularity):
                 assert torch.equal(x, y), name
             else:
                 torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "element"])
+def test_torch_path_on_cuda_runs_the_jiterator_kernel_for_float32(granularity):
+    """CUDA without Triton: float32 groups update through the jiterator kernel and one foreach lerp (what
+    `benchmarks/teacher_update.py --kernels torch` times); other dtypes through the plain torch ops."""
+    from fastse.smoothing import _FlatUpdate, _JitUpdate
+
+    for dtype, path in ((torch.float32, _JitUpdate), (torch.bfloat16, _FlatUpdate)):
+        student = _net(dtype, channels_last=True)
+        sm = Smoother(student, make_teacher(student), rule="sts", granularity=granularity, kernel="torch")
+        sm.step()
+        assert [type(g.flat) for g in sm._plan.groups] == [path], dtype
