@@ -90,6 +90,8 @@ def main() -> None:
             epoch_ends += epoch > 0
             yield from loader
 
+    consumer = consumer_stream(loader, device) if args.stream == "priority" else contextlib.nullcontext()
+    consumer.__enter__()  # as train_linear: the step on a high-priority stream beside DALI's
     real = stream()
     fixed = next(real)
 
@@ -97,8 +99,6 @@ def main() -> None:
         """`n` steps of train_head on `batches` (one 'epoch' of n steps at the protocol's learning rate)."""
         train_head(head, lambda _: itertools.islice(batches, n), n, dataclasses.replace(protocol, epochs=1))
 
-    consumer = consumer_stream(loader, device) if args.stream == "priority" else contextlib.nullcontext()
-    consumer.__enter__()  # as train_linear: the step on a high-priority stream beside DALI's
     paths = {"real": lambda n: run(frozen_features(backbone, real, device), n),
              "synthetic": lambda n: run(frozen_features(backbone, itertools.repeat(fixed), device), n),
              "loader": lambda n: list(itertools.islice(real, n))}

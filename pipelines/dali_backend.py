@@ -576,9 +576,11 @@ class DaliLoader:
         self._seek((self.epoch, self.start_batch))
         start, self.start_batch = self.start_batch, 0  # a later pass reads the whole epoch
         cuda = self.device_id is not None
-        stream = torch.cuda.current_stream(self.device) if cuda else None
         n = len(self.recipe.views)
         for _ in range(start, self._len):
+            # the consumer's stream at each batch (it may enter another one, e.g. `consumer_stream`, mid-epoch):
+            # the batch's copies run on it, so its kernels see them complete
+            stream = torch.cuda.current_stream(self.device) if cuda else None
             outs = self._pipe.outputs(cuda_stream=stream) if cuda else self._pipe.outputs()
             batch = self._fed.popleft()  # the batch these outputs are of (its files may now be freed)
             views = tuple(self._view(outs[i], i, stream) for i in range(n))

@@ -564,6 +564,26 @@ def test_gpu_cpu_decode_is_the_cpu_decode_augmented_on_the_gpu(large_jpegs, fuse
 
 @gpu
 @pytest.mark.gpu
+def test_gpu_batches_follow_the_consumers_stream(cifar):
+    """A consumer that enters another stream mid-epoch (as eval-linear's high-priority one) reads complete
+    batches: each batch is copied on the stream current when it is drawn."""
+    from fastse.pipelines.loader import consumer_stream
+
+    files = cifar[0][:2048]
+    dali = loader(files, recipes.byol(32), batch_size=256, device="cuda")
+    want = [ids for _, ids in loader(files, recipes.byol(32), batch_size=256)]
+    it = iter(dali)
+    got = [next(it)[1]]  # drawn on the default stream
+    with consumer_stream(dali, torch.device("cuda")):
+        for _ in range(len(want) - 1):
+            with torch.cuda.stream(torch.cuda.default_stream()):
+                torch.cuda._sleep(20_000_000)  # the stream the epoch began on is busy: a copy there would be late
+            got.append(next(it)[1].clone())
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want)) and len(got) == len(want)
+
+
+@gpu
+@pytest.mark.gpu
 def test_gpu_tensors_are_owned(cifar):
     it = iter(loader(cifar[0][:1024], recipes.byol(32), batch_size=256, device="cuda"))
     views, labels = next(it)
