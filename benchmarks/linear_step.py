@@ -51,8 +51,9 @@ def main() -> None:
                     help="the step on a high-priority CUDA stream (as eval-linear runs it) or the default one")
     ap.add_argument("--decode", choices=("shared", "fused"), default=None,
                     help="DALI: decode whole images, or just the crop window (the default for one view)")
-    ap.add_argument("--decoder", choices=("gpu", "cpu"), default="gpu",
-                    help="DALI: decode with nvJPEG, or on DALI's CPU threads and augment on the GPU")
+    ap.add_argument("--decoder", choices=("auto", "gpu", "cpu"), default="auto",
+                    help="DALI: decode with nvJPEG, or on DALI's CPU threads and augment on the GPU "
+                         "(auto: the loader's choice, nvJPEG for one view)")
     ap.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: by the decoder)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
@@ -69,10 +70,11 @@ def main() -> None:
         loader.hw_decoder_load = args.hw_decoder_load
     if args.decode:
         loader.fused_decode = args.decode == "fused"
-    if args.decoder == "cpu" and cuda:
+    if args.decoder != "auto" and cuda:
         from fastse.pipelines.dali_backend import default_threads
 
-        loader.cpu_decode, loader.num_threads = True, default_threads(gpu=False)
+        loader.cpu_decode = args.decoder == "cpu"
+        loader.num_threads = default_threads(gpu=not loader.cpu_decode)
     if args.threads:
         loader.num_threads = args.threads
     backbone = _frozen(resnet_backbone(args.arch), device)

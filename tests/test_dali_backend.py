@@ -552,6 +552,9 @@ def test_gpu_224(large_jpegs, name, fused):
 def test_gpu_cpu_decode_is_the_cpu_decode_augmented_on_the_gpu(large_jpegs, fused):
     """cpu_decode=True: libjpeg-turbo on DALI's threads, then the GPU's resize and crop: the deterministic
     eval view equals CPU mode's image by image (GPU and CPU resampling: ~1 level of 255)."""
+    for name in ("byol", "mocov2", "linear", "eval"):  # the default: CPU decode for several views, nvJPEG for one
+        recipe = recipes.get_recipe(name, 224)
+        assert loader(large_jpegs, recipe, batch_size=8, device="cuda").cpu_decode == (len(recipe.views) > 1), name
     recipe = recipes.get_recipe("eval" if not fused else "linear", 224)
     dev = loader(large_jpegs, recipe, batch_size=8, device="cuda", cpu_decode=True, fused_decode=fused)
     assert dev.cpu_decode and dev.num_threads == dali_backend.default_threads(gpu=False)
