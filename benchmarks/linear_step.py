@@ -26,12 +26,14 @@ import subprocess
 import sys
 import time
 from datetime import date
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if find_spec("fastse") is None or find_spec("fastse.pipelines") is None:  # the checkout's fastse/ alone: no pipelines/
+    sys.exit("fastse is not installed: pip install -e . first (in the checkout; make setup does it)")
 from fastse.pipelines.loader import consumer_stream  # noqa: E402
 from steptime import timed  # noqa: E402  (benchmarks/steptime.py)
 

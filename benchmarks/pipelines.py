@@ -35,13 +35,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from datetime import date
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if find_spec("fastse") is None or find_spec("fastse.pipelines") is None:  # the checkout's fastse/ alone: no pipelines/
+    sys.exit("fastse is not installed: pip install -e . first (in the checkout; make setup does it)")
 from fastse.pipelines import datasets, recipes  # noqa: E402
 from fastse.pipelines.dali_backend import DaliLoader, dali_available  # noqa: E402
 from fastse.pipelines.tensor_backend import TensorLoader  # noqa: E402

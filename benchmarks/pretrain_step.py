@@ -42,12 +42,14 @@ import sys
 import tempfile
 import time
 from datetime import date
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if find_spec("fastse") is None or find_spec("fastse.pipelines") is None:  # the checkout's fastse/ alone: no pipelines/
+    sys.exit("fastse is not installed: pip install -e . first (in the checkout; make setup does it)")
 from steptime import profile, timed  # noqa: E402  (benchmarks/steptime.py)
 
 from fastse.config import COMPILE_MODES, PRESETS, preset  # noqa: E402

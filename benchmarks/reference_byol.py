@@ -19,18 +19,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from importlib.util import find_spec
 
 import torch
 import torchvision.transforms as T
-from fastse.pipelines.recipes import CIFAR10_MEAN, CIFAR10_STD
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from fastse.eval.knn import knn_eval
-from fastse.methods.byol import BYOL
-from fastse.models.resnet import resnet_backbone
-from fastse.smoothing import Smoother, cosine_momentum
+if find_spec("fastse") is None or find_spec("fastse.pipelines") is None:  # the checkout's fastse/ alone: no pipelines/
+    sys.exit("fastse is not installed: pip install -e . first (in the checkout; make setup does it)")
+from fastse.pipelines.recipes import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+
+from fastse.eval.knn import knn_eval  # noqa: E402
+from fastse.methods.byol import BYOL  # noqa: E402
+from fastse.models.resnet import resnet_backbone  # noqa: E402
+from fastse.smoothing import Smoother, cosine_momentum  # noqa: E402
 
 
 def byol_view(solarize_p: float, normalize: T.Normalize) -> T.Compose:

@@ -19,11 +19,12 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
+from importlib.util import find_spec
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if find_spec("fastse") is None or find_spec("fastse.pipelines") is None:  # the checkout's fastse/ alone: no pipelines/
+    sys.exit("fastse is not installed: pip install -e . first (in the checkout; make setup does it)")
 from steptime import profile, timed  # noqa: E402  (benchmarks/steptime.py)
 
 from fastse.semi.config import PRESETS, preset  # noqa: E402

@@ -53,12 +53,13 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from importlib.util import find_spec
 from pathlib import Path
 
 import tomllib
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if find_spec("fastse") is None or find_spec("fastse.pipelines") is None:  # the checkout's fastse/ alone: no pipelines/
+    sys.exit("fastse is not installed: pip install -e . first (in the checkout; make setup does it)")
 from fastse.report import ReportError, load_run, write_report  # noqa: E402
 
 COMMANDS = ("pretrain", "semi", "eval-linear")
@@ -195,9 +196,9 @@ def say(text: str) -> None:
 
 def start(job: Job, gpu: str | None, logs: Path) -> subprocess.Popen:
     """Start `job` in a process group of its own (on GPU `gpu`), its output appended to its log."""
-    argv = [sys.executable, "-m", "fastse.cli.main", *job.argv]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    # -P: the installed fastse, not the checkout's fastse/ (no cli/ there) through the working directory
+    argv = [sys.executable, "-P", "-m", "fastse.cli.main", *job.argv]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     with open(logs / f"{job.name}.log", "a") as log:

@@ -29,12 +29,14 @@ import subprocess
 import sys
 import time
 from datetime import date
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if find_spec("fastse") is None or find_spec("fastse.pipelines") is None:  # the checkout's fastse/ alone: no pipelines/
+    sys.exit("fastse is not installed: pip install -e . first (in the checkout; make setup does it)")
 from fastse import philox  # noqa: E402
 from fastse.models import byol_projector, resnet_backbone, wrn_28_2  # noqa: E402
 from fastse.smoothing import Smoother, make_teacher  # noqa: E402

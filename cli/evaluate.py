@@ -15,9 +15,8 @@ from typing import Any
 
 import click
 
+from fastse.choices import ARCHS, DATASETS, LINEAR_PROTOCOLS, LOADERS, WANDB_MODES, WHICH  # no torch import for --help
 from fastse.results import add_result, is_headline, qualifiers
-
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # fastse.models.resnet.ARCHS (no torch import for --help)
 
 
 class NotSaved(click.ClickException):
@@ -32,18 +31,18 @@ def _common(fn):
                      "state dict (.pth / .safetensors; needs --arch)."),
         click.option("--data", required=True, help="Class-folder tree with train/ and test/ (or val/), an archive "
                      "of one, or cifar10/cifar100."),
-        click.option("--which", type=click.Choice(("teacher", "student")), default="teacher", show_default=True,
+        click.option("--which", type=click.Choice(WHICH), default="teacher", show_default=True,
                      help="Which backbone of a run folder."),
         click.option("--arch", type=click.Choice(ARCHS), help="Architecture of a plain state dict."),
         click.option("--cifar-stem/--no-cifar-stem", default=None,
                      help="3x3 first conv of a plain state dict [default: read from conv1's shape]."),
-        click.option("--dataset", type=click.Choice(("cifar10", "cifar100", "imagenet")),
+        click.option("--dataset", type=click.Choice(DATASETS),
                      help="Use its published mean/std [default: measured on the data]."),
         click.option("--limit", type=int, help="Use at most N images of each split (smoke runs)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--loader", type=click.Choice(("auto", "tensor", "dali")), default="auto", show_default=True),
+        click.option("--loader", type=click.Choice(LOADERS), default="auto", show_default=True),
         click.option("--cache-dir", help="Extracted archives and decoded arrays."),
-        click.option("--wandb", type=click.Choice(("auto", "online", "offline", "disabled")), default="auto",
+        click.option("--wandb", type=click.Choice(WANDB_MODES), default="auto",
                      show_default=True, help="auto: $WANDB_MODE, else online with credentials, else offline. A run "
                      "folder's results go into its own wandb run; the flags below name a run of the evaluation's own "
                      "(a file, or a run folder trained without wandb)."),
@@ -60,7 +59,7 @@ def _common(fn):
 
 @click.command("eval-linear")
 @_common
-@click.option("--protocol", type=click.Choice(("byol", "moco", "fast")), default="byol", show_default=True,
+@click.option("--protocol", type=click.Choice(LINEAR_PROTOCOLS), default="byol", show_default=True,
               help="byol: BN+Linear, lr 0.2, cosine, 80 epochs; moco: Linear, lr 30, steps at 60/80 of 100 epochs; "
               "fast: features extracted once, head trained on them.")
 @click.option("--epochs", type=int, help="[default: the protocol's]")
@@ -71,16 +70,15 @@ def _common(fn):
 def eval_linear(protocol: str, epochs: int | None, batch_size: int | None, lr: float | None, copies: int | None,
                 seed: int, **common: Any) -> None:
     """Linear evaluation of a frozen backbone: top-1/top-5 on the test split."""
-    import torch.distributed as dist
-
-    from fastse.engine import distributed as ddp
+    from fastse.distributed import is_initialized
+    from fastse.engine import launch
     from fastse.engine.progress import EpochReport, Progress
     from fastse.engine.progress import echo as say
     from fastse.eval.linear import get_protocol, linear_eval
 
-    owns_group = not (dist.is_available() and dist.is_initialized())
+    owns_group = not is_initialized()
     try:
-        env = ddp.init_distributed(common["device"])  # under torchrun: the standard protocols run data-parallel
+        env = launch.init_distributed(common["device"])  # under torchrun: the standard protocols run data-parallel
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:
@@ -117,7 +115,7 @@ def eval_linear(protocol: str, epochs: int | None, batch_size: int | None, lr: f
             _report(folder, protocol, {**result, "world_size": env.world_size}, common)
     finally:
         if owns_group:
-            ddp.cleanup()
+            launch.cleanup()
 
 
 @click.command("knn")
@@ -127,6 +125,7 @@ def eval_linear(protocol: str, epochs: int | None, batch_size: int | None, lr: f
 @click.option("--batch-size", type=int, default=512, show_default=True, help="Images per forward.")
 def knn(k: int, temperature: float, batch_size: int, **common: Any) -> None:
     """Weighted kNN classification (cosine similarity) of the test split by the train split's features."""
+    from fastse.engine.amp import autocast
     from fastse.eval.knn import knn_eval
 
     if k < 1 or not 0 < temperature < math.inf or batch_size < 1:
@@ -137,7 +136,7 @@ def knn(k: int, temperature: float, batch_size: int, **common: Any) -> None:
     try:
         loaders = [data.loader(s, "test", batch_size=batch_size, device=device, backend=common["loader"])
                    for s in ("train", "test")]
-        with _autocast(device):
+        with autocast(device):
             acc = knn_eval(backbone.to(device), *loaders, device=device, k=k, temperature=temperature,
                            num_train=data.num("train"), num_test=data.num("test"))
     except (ValueError, ImportError) as e:  # unreadable images, no DALI
@@ -151,12 +150,6 @@ def knn(k: int, temperature: float, batch_size: int, **common: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------- helpers
-
-
-def _autocast(device):
-    import torch
-
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _setup(common: dict[str, Any], own: bool = True):

@@ -10,22 +10,32 @@ from __future__ import annotations
 import click
 from fastse.cli.training import engine_options, run_training
 
-# the same lists as fastse.config (kept literal so `fastse --help` does not import torch; a test checks them)
-PRESET_NAMES = ("byol-cifar10", "mocov2-cifar10", "byol-imagenet", "mocov2-imagenet")
-CHOICES = {
-    "method": ("byol", "mocov2"),
-    "arch": ("resnet18", "resnet34", "resnet50", "resnet101"),
-    "dataset": ("cifar10", "cifar100", "imagenet"),
-    "loader": ("auto", "tensor", "dali"),
-    "augmentation": ("byol", "mocov2", "simclr"),
-    "optimizer": ("sgd", "lars"),
-    "smoothing": ("ema", "se", "sts"),
-    "granularity": ("tensor", "channel", "element"),
-    "momentum_schedule": ("cosine", "constant"),
+# the lists fastse.config checks (fastse.choices: no torch import for `fastse --help`)
+from fastse.choices import (
+    ARCHS,
+    AUGMENTATIONS,
+    DATASETS,
+    GRANULARITIES,
+    LOADERS,
+    METHODS,
+    MOMENTUM_SCHEDULES,
+    MONITORS,
+    OPTIMIZERS,
+    RULES,
+)
+from fastse.choices import PRETRAIN_PRESETS as PRESET_NAMES
+
+CHOICES = {  # config field -> the choices of its flag
+    "method": METHODS,
+    "arch": ARCHS,
+    "dataset": DATASETS,
+    "loader": LOADERS,
+    "augmentation": AUGMENTATIONS,
+    "optimizer": OPTIMIZERS,
+    "rule": RULES,
+    "granularity": GRANULARITIES,
+    "momentum_schedule": MOMENTUM_SCHEDULES,
 }
-
-
-MONITORS = ("knn_top1", "probe_top1", "none")  # = fastse.config.MONITORS
 
 
 def _choice(name: str) -> click.Choice:
@@ -48,7 +58,8 @@ def _choice(name: str) -> click.Choice:
 @click.option("--weight-decay", type=float)
 @click.option("--optimizer", type=_choice("optimizer"))
 @click.option("--warmup-epochs", type=float)
-@click.option("--smoothing", type=_choice("smoothing"), help="Teacher update [default: sts].")
+@click.option("--rule", "--smoothing", "rule", type=_choice("rule"),
+              help="Teacher update rule (--smoothing: its old name) [default: sts].")
 @click.option("--keep-prob", type=float, help="P(keep a teacher fragment) [default: 0.7 BYOL, 0.5 MoCo].")
 @click.option("--granularity", type=_choice("granularity"), help="Fragment size [default: tensor].")
 @click.option("--momentum", type=float, help="Teacher momentum [default: 0.99 BYOL, 0.999 MoCo].")

@@ -10,14 +10,16 @@ from __future__ import annotations
 import click
 from fastse.cli.training import engine_options, run_training
 
-# the same lists as fastse.semi.config (kept literal so `fastse --help` does not import torch; a test checks them)
-PRESET_NAMES = ("fixmatch-cifar10", "fixmatch-cifar100")
-CHOICES = {
-    "dataset": ("cifar10", "cifar100"),
-    "smoothing": ("ema", "se", "sts"),
-    "granularity": ("tensor", "channel", "element"),
-    "buffers": ("copy", "ema"),
-    "monitor": ("teacher_acc", "student_acc", "none"),
+# the lists fastse.semi.config checks (fastse.choices: no torch import for `fastse --help`)
+from fastse.choices import GRANULARITIES, RULES, SEMI_BUFFER_MODES, SEMI_DATASETS, SEMI_MONITORS
+from fastse.choices import SEMI_PRESETS as PRESET_NAMES
+
+CHOICES = {  # config field -> the choices of its flag
+    "dataset": SEMI_DATASETS,
+    "rule": RULES,
+    "granularity": GRANULARITIES,
+    "buffers": SEMI_BUFFER_MODES,
+    "monitor": SEMI_MONITORS,
 }
 
 
@@ -45,7 +47,8 @@ def _choice(name: str) -> click.Choice:
 @click.option("--max-steps", type=int, help="Stop after N steps in total (checkpointed; the schedule keeps K).")
 @click.option("--lr", type=float, help="[default: 0.03]")
 @click.option("--weight-decay", type=float, help="Not on BN and biases [default: 5e-4; fixmatch-cifar100: 1e-3].")
-@click.option("--smoothing", type=_choice("smoothing"), help="Teacher update [default: sts].")
+@click.option("--rule", "--smoothing", "rule", type=_choice("rule"),
+              help="Teacher update rule (--smoothing: its old name) [default: sts].")
 @click.option("--keep-prob", type=float, help="P(keep a teacher fragment), se/sts [default: 0.5].")
 @click.option("--momentum", type=float, help="Teacher momentum [default: 0.999].")
 @click.option("--granularity", type=_choice("granularity"), help="Fragment size [default: tensor].")

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # = fastse.config's
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+from fastse.choices import COMPILE_MODES, WANDB_MODES
+
 EXIT_STOPPED = 3  # stopped early with a checkpoint (--time-limit, SIGTERM, SIGUSR1, Ctrl-C): --resume continues
 
 _ENGINE_OPTIONS = (

@@ -10,8 +10,8 @@ a torn or corrupt one. One process writes a run folder (rank 0 under DDP). `chec
 before training starts, whether the run folder can be written and has room for a checkpoint.
 
 Also: flat tensor encodings of optimizer and RNG states (safetensors holds tensors only, and nothing
-here unpickles), and `backbone.safetensors`, the export that loads into a plain torchvision ResNet,
-with the sha256 of its tensor data in its header, verified on loading.
+here unpickles). `backbone.safetensors`, the export that loads into a plain torchvision ResNet (written
+into best/ by the caller's `extra`), is `fastse.models.export`'s.
 """
 
 from __future__ import annotations
@@ -25,24 +25,26 @@ import random
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from torch import Tensor, nn
+from torch import Tensor
 
 import fastse
 from fastse.atomic import fsync_dir as _fsync_dir
+from fastse.atomic import write_synced as _write_synced
+from fastse.tensorfiles import CheckpointError
+from fastse.tensorfiles import cpu_tensors as _cpu_tensors
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fastse-checkpoint/1"
-BACKBONE_FORMAT = "fastse-backbone/1"
 META = "meta.json"
 _STEP_DIR = re.compile(r"step-(\d{9,})")
 _GROUP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -50,22 +52,11 @@ _GROUP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 __all__ = [
     "CheckpointError", "check_run_dir", "save_checkpoint", "save_best", "best_checkpoint", "latest_checkpoint",
     "load_checkpoint",
-    "optimizer_to_tensors", "optimizer_from_tensors", "rng_state", "set_rng_state", "export_backbone", "load_backbone",
+    "optimizer_to_tensors", "optimizer_from_tensors", "rng_state", "set_rng_state",
 ]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or run folder that cannot be used; the message names the path."""
-
-
 # ---------------------------------------------------------------------------------------- files
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _discard(folder: Path) -> None:
@@ -73,22 +64,6 @@ def _discard(folder: Path) -> None:
     trash = folder.with_name(f".trash-{folder.name}-{secrets.token_hex(4)}")
     os.rename(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _cpu_tensors(group: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Detached contiguous CPU tensors; ones sharing storage (tied weights, views) become copies."""
-    out, seen = {}, set()
-    for key, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"checkpoint group {group!r}: {key!r} is a {type(t).__name__}, not a tensor")
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            t = t.clone()
-        elif t.numel():
-            seen.add(ptr)
-        out[key] = t
-    return out
 
 
 def _json_default(obj: Any) -> Any:
@@ -131,7 +106,7 @@ def save_checkpoint(
 
 
 def _write_temp_checkpoint(folder: Path, name: str, step: int, groups: dict[str, dict[str, Tensor]], meta: dict,
-                           extra: Any = None) -> Path:
+                           extra: Callable[[Path], Any] | None = None) -> Path:
     """A complete checkpoint (the groups, `meta.json` with their checksums; `extra(tmp)` may add files)
     in a new hidden temp folder of `folder`, every file and the folder fsynced; its path."""
     for group in groups:
@@ -162,17 +137,17 @@ _BEST_OLD = ".best-old"  # the previous best/ during a replacement
 
 
 def save_best(run_dir: str | Path, step: int, groups: dict[str, dict[str, Tensor]], meta: dict, *,
-              backbone: nn.Module | None = None) -> Path:
+              extra: Callable[[Path], Any] | None = None) -> Path:
     """Write a checkpoint like `save_checkpoint`'s (the same files, checksums and meta.json, whose "best"
-    entry says by what metric and value) as `run_dir/best/`, replacing the previous best, with the teacher's
-    `backbone` exported in it (`backbone.safetensors`, for `fastse knn` / `eval-linear`) when given. Not
-    counted among the last `keep` checkpoints, never pruned. The new folder is complete before the old one
+    entry says by what metric and value) as `run_dir/best/`, replacing the previous best; `extra(folder)`,
+    when given, writes more files into the new folder before it moves in (the engine's: the teacher's
+    `backbone.safetensors`, for `fastse knn` / `eval-linear`). Not counted among the last `keep`
+    checkpoints, never pruned. The new folder is complete before the old one
     moves aside (to `.best-old`) and it moves in; a crash between those two renames is undone by
     `best_checkpoint`, which moves the old one back."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _restore_best(run_dir)
-    extra = (lambda tmp: export_backbone(tmp, backbone)) if backbone is not None else None
     tmp = _write_temp_checkpoint(run_dir, BEST, step, groups, meta, extra)
     final, old = run_dir / BEST, run_dir / _BEST_OLD
     try:
@@ -432,87 +407,3 @@ def set_rng_state(state: dict[str, Tensor]) -> None:
     version, *mt = state["python.state"].tolist()
     has, gauss = state["python.gauss"].tolist()
     random.setstate((version, tuple(mt), gauss if has else None))
-
-
-# ----------------------------------------------------------------------------------- backbone
-
-
-def _resnet_arch(net: nn.Module) -> tuple[str, bool]:
-    """(torchvision arch name, CIFAR stem or not) of a ResNet backbone from `fastse.models.resnet_backbone`."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
-    try:
-        depths = tuple(len(getattr(net, f"layer{i}")) for i in range(1, 5))
-        block, conv1 = type(net.layer1[0]), net.conv1
-    except (AttributeError, TypeError, IndexError):
-        raise ValueError(f"export_backbone: a {type(net).__name__} is not a torchvision ResNet") from None
-    archs = {(BasicBlock, (2, 2, 2, 2)): "resnet18", (BasicBlock, (3, 4, 6, 3)): "resnet34",
-             (Bottleneck, (3, 4, 6, 3)): "resnet50", (Bottleneck, (3, 4, 23, 3)): "resnet101"}
-    if (block, depths) not in archs:
-        raise ValueError(f"export_backbone: unknown ResNet ({block.__name__} blocks, depths {depths})")
-    return archs[block, depths], tuple(conv1.kernel_size) == (3, 3)
-
-
-def export_backbone(path: str | Path, backbone: nn.Module) -> Path:
-    """Write `backbone`'s state_dict (torchvision names; DDP/compile wrappers removed) as
-    `backbone.safetensors` in the folder `path` (or to `path` itself if it ends in .safetensors),
-    atomically, with header metadata {"format", "arch", "cifar_stem", "feature_dim", "fastse_version",
-    "sha256"}: "sha256" is that of the tensor data (the bytes after the header), which `load_backbone`
-    checks.
-
-    Loading: `torchvision.models.<arch>()` then `load_state_dict(load_file(file), strict=False)`
-    (only fc.weight / fc.bias missing; set `fc = nn.Identity()` for features). A CIFAR-stem export
-    has a 3x3 conv1 and no max-pool: replace `conv1` with `nn.Conv2d(3, 64, 3, 1, 1, bias=False)` and
-    `maxpool` with `nn.Identity()` first, or use `load_backbone`, which does that from the metadata."""
-    from fastse.smoothing import unwrap
-
-    net = unwrap(backbone)
-    arch, cifar_stem = _resnet_arch(net)
-    path = Path(path)
-    file = path if path.suffix == ".safetensors" else path / "backbone.safetensors"
-    file.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": BACKBONE_FORMAT, "arch": arch, "cifar_stem": str(cifar_stem).lower(),
-            "feature_dim": str(getattr(net, "feature_dim", "")), "fastse_version": fastse.__version__}
-    tensors = _cpu_tensors("backbone", net.state_dict())
-    meta["sha256"] = _tensor_data_sha256(st_save(tensors, metadata=meta))
-    data = st_save(tensors, metadata=meta)  # the same tensor data after a longer header
-    tmp = file.with_name(f".{file.name}.{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        _write_synced(tmp, data)
-        os.replace(tmp, file)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(file.parent)
-    return file
-
-
-def _tensor_data_sha256(data: bytes) -> str:
-    """The sha256 of a safetensors file's tensor data: the bytes after its 8-byte length and JSON header."""
-    return hashlib.sha256(memoryview(data)[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
-
-
-def load_backbone(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The ResNet backbone (fc = Identity, eval mode, on `device`) saved by `export_backbone`; CheckpointError
-    where the tensor data does not match the sha256 in its header (a damaged file). An export without one
-    (written before fastse checked them) loads with a warning."""
-    from fastse.models import resnet_backbone
-
-    path = Path(path)
-    file = path / "backbone.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise CheckpointError(f"{file}: does not exist")
-    try:
-        with safe_open(file, "pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors' own error types
-        raise CheckpointError(f"{file}: not a safetensors file ({e})") from None
-    if meta.get("format") != BACKBONE_FORMAT:
-        raise CheckpointError(f"{file}: not a {BACKBONE_FORMAT} export (format {meta.get('format')!r})")
-    data = file.read_bytes()
-    if "sha256" not in meta:
-        log.warning("%s: no checksum (exported before fastse checked backbones): loaded unverified", file)
-    elif _tensor_data_sha256(data) != meta["sha256"]:
-        raise CheckpointError(f"{file}: sha256 of its tensors does not match its header (the file is corrupt)")
-    net = resnet_backbone(meta["arch"], cifar_stem=meta["cifar_stem"] == "true")
-    net.load_state_dict(st_load(data))
-    return net.to(device).eval()

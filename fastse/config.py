@@ -17,20 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastse.models.resnet import ARCHS
-from fastse.smoothing import BUFFER_MODES, GRANULARITIES, RULES
+from fastse.choices import (  # the lists of choices, also importable from here
+    ARCHS,
+    AUGMENTATIONS,
+    BUFFER_MODES,
+    COMPILE_MODES,
+    DATASETS,
+    DTYPES,
+    GRANULARITIES,
+    LOADERS,
+    METHODS,
+    MOMENTUM_SCHEDULES,
+    MONITORS,
+    OPTIMIZERS,
+    RULES,
+    WANDB_MODES,
+)
 from fastse.wandb_settings import check_wandb_settings
 
-METHODS = ("byol", "mocov2")
-OPTIMIZERS = ("sgd", "lars")
-MOMENTUM_SCHEDULES = ("cosine", "constant")
-LOADERS = ("auto", "tensor", "dali")
-DTYPES = ("bf16", "fp32")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-MONITORS = ("knn_top1", "probe_top1", "none")  # what the best/ checkpoint is chosen by
-AUGMENTATIONS = ("byol", "mocov2", "simclr")  # = fastse.pipelines.recipes.AUGMENTATIONS (a test checks)
-DATASETS = ("cifar10", "cifar100", "imagenet")
 # px: a larger crop is a typo (256 two-view crops at 4096 px are 96 GiB of fp32 input alone)
 MAX_IMAGE_SIZE = 4096
 
@@ -76,7 +80,7 @@ class PretrainConfig:
     sgd_momentum: float = 0.9
     warmup_epochs: float = 0.0          # linear warmup, then cosine to 0, per step
     # teacher
-    smoothing: str = "sts"              # ema | se | sts
+    rule: str = "sts"                   # ema | se | sts (called smoothing before; RENAMED)
     keep_prob: float | None = None      # P(keep a teacher fragment), se/sts
     granularity: str = "tensor"         # tensor | channel | element
     momentum: float | None = None       # teacher momentum (base of the cosine schedule)
@@ -127,8 +131,15 @@ class PretrainConfig:
         """What `resolve_data` reads: `data`, else the dataset's name (cifar10/cifar100 download)."""
         return self.data or self.dataset or ""
 
+    @property
+    def smoothing(self) -> str:
+        """The old name of `rule` (read-only; `replace` and `preset` also take `smoothing=`)."""
+        return self.rule
+
     def replace(self, **changes: Any) -> PretrainConfig:
-        """A copy with `changes`; a changed method re-fills the fields it leaves at None."""
+        """A copy with `changes` (old names of RENAMED taken as the new ones); a changed method re-fills the
+        fields it leaves at None."""
+        changes = renamed(changes)
         if "method" in changes and changes["method"] != self.method:
             base = {k: None for k in METHOD_DEFAULTS.get(self.method, {}) if k not in changes}
             changes = {**base, **changes}
@@ -145,7 +156,7 @@ class PretrainConfig:
         _choice("method", self.method, METHODS)
         _choice("arch", self.arch, ARCHS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("smoothing", self.smoothing, RULES)
+        _choice("rule", self.rule, RULES)
         _choice("granularity", self.granularity, GRANULARITIES)
         _choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
         _choice("buffers", self.buffers, BUFFER_MODES)
@@ -217,25 +228,9 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
-# BYOL on CIFAR-10 takes its optimisation from lightly's benchmark (benchmarks/cifar10_benchmark.py),
-# documented to reach kNN 86.8 % with ResNet-18 in 200 epochs at batch 512: SGD momentum 0.9, lr
-# 0.06 x batch/128, weight decay 5e-4, cosine, no warmup. Their loss is -(cos(p1, z2) + cos(p2, z1)) / 2;
-# ours is the paper's (2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1)), 4x the gradient, so lr / 4 and weight
-# decay x 4 give exactly their SGD updates: 0.03 per 256 images, 2e-3. What differs from their run: the
-# paper's heads (4096 wide, theirs 1024), BYOL's augmentations (theirs SimCLR's), and the teacher.
-# Teacher: STS p=0.7 with the cosine momentum from 0.9, not the paper's 0.99. In expectation STS moves
-# at 1 - (1 - p)(1 - m) per step: 0.997 from 0.99, i.e. a ~330-step lag, 1.7 % of CIFAR's 19.4k steps
-# (BYOL's ImageNet teacher lags ~0.3 % of its run). Measured on H200s, 100 epochs, kNN top-1 (seed 0):
-# m0 0.99: 67.2; 0.97: 74.7; 0.94: 76.0; 0.9: 76.6; 0.8: 76.3; EMA at 0.99: 74.6. lr 0.03 is the best
-# of 0.0075 (64.9) / 0.015 (74.7) / 0.03 / 0.06 (72.2) / 0.12 (55.2); 1024-wide heads 75.6 (at m0 0.94).
-# lightly's exact recipe (EMA at a constant 0.99, 1024-wide heads, SimCLR views) measured 76.9 at epoch 150
-# of 200 on an H100, level with this preset (77.7 at 140, 78.4 at 160): see docs/BENCHMARKS.md.
-# The data costs what is missing: re-encoding the copy at JPEG quality 50 costs 4.7 points at 200 epochs
-# (78.4 -> 73.7, H200), grayscale 2.4, so the copy's own quality-75 loss against lightly's PNGs plausibly
-# explains the rest. A ResNet-18 step at 32 px is launch-bound: CUDA graphs (reduce-overhead) run it
-# 1.69x faster (30.4k against 18.0k img/s with the real loader on an H200; the same kNN at 200 epochs).
-# MoCo v2 on CIFAR follows the MoCo authors' CIFAR-10 demo (lr 0.06 at batch 512, wd 5e-4, 4,096
-# keys, momentum 0.99: 0.999 is too slow for ~100 steps an epoch) with the paper's temperature 0.2.
+# The CIFAR presets follow lightly's BYOL benchmark (SGD rescaled to our loss) and the MoCo authors' CIFAR-10
+# demo; why, and the momentum / lr sweeps behind their values: docs/BENCHMARKS.md, "Where the CIFAR presets
+# come from".
 PRESETS: dict[str, PretrainConfig] = {
     "byol-cifar10": PretrainConfig(
         method="byol", arch="resnet18", cifar_stem=True, dataset="cifar10", epochs=200, batch_size=512,
@@ -264,15 +259,31 @@ def preset(name: str, **overrides: Any) -> PretrainConfig:
 
 CONFIG_SUFFIXES = (".toml", ".json")
 LIST_FIELDS = frozenset({"wandb_tags"})  # str fields that a config file may also give as a list of strings
+# settings renamed since configs were first written: old name -> new name. Configs saved before (a run
+# folder's run.json, a checkpoint's meta.json, config files) and keyword arguments (`replace`, `preset`)
+# that use the old name are read as the new one.
+RENAMED = {"smoothing": "rule"}
+
+
+def renamed(settings: dict[str, Any], *, where: str = "") -> dict[str, Any]:
+    """`settings` ({field: value}, in order) with the old names of RENAMED under their new names; ValueError
+    (its message prefixed with `where`) where both names of one setting are given different values."""
+    if not RENAMED.keys() & settings.keys():
+        return settings
+    for old, new in RENAMED.items():
+        if old in settings and new in settings and settings[old] != settings[new]:
+            raise ValueError(f"{where}{old}={settings[old]!r} and {new}={settings[new]!r} set one setting ({old} is "
+                             f"the old name of {new}): give {new} only")
+    return {RENAMED.get(key, key): value for key, value in settings.items()}
 
 
 def read_config_file(path: str | Path, settings: type) -> tuple[str | None, dict[str, Any]]:
     """(preset named in the file or None, {field: value}) of a config file for the dataclass `settings`
     (`PretrainConfig`, `SemiConfig`): TOML (.toml; top-level keys, plus an optional `preset = "NAME"`), JSON
     (.json: one object) or a run folder's `run.json` (its "config", every field resolved; a run folder
-    itself names its run.json). Keys are field names; ValueError with one line naming the file and the
-    first unknown key or mistyped value. Values are checked against the field's type, not its range
-    (`validate` does that once flags are applied)."""
+    itself names its run.json). Keys are field names (the old names of RENAMED read as the new ones);
+    ValueError with one line naming the file and the first unknown key or mistyped value. Values are checked
+    against the field's type, not its range (`validate` does that once flags are applied)."""
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / "run.json"
@@ -294,6 +305,7 @@ def read_config_file(path: str | Path, settings: type) -> tuple[str | None, dict
     preset_name = data.pop("preset", None)
     if preset_name is not None and not isinstance(preset_name, str):
         raise ValueError(f"{path}: preset={preset_name!r} must be a preset's name")
+    data = renamed(data, where=f"{path}: ")
     return preset_name, {key: _typed(settings, key, value, path) for key, value in data.items()}
 
 

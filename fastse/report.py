@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastse.results import headlines, is_headline, qualifiers, read_results
+from fastse.choices import METHODS
+from fastse.config import renamed
+from fastse.results import MEDIAN_OF, headlines, is_headline, qualifiers, read_results
 
-MEDIAN_OF = 20  # FixMatch reports the median of the last 20 evaluations
-TEACHER = ("smoothing", "keep_prob", "granularity")
+TEACHER = ("rule", "keep_prob", "granularity")
 # settings that do not change what is trained or measured: runs differing only in these (and the seed) are seeds
 BOOKKEEPING = frozenset({
     "seed", "split_seed", "out", "data", "cache_dir", "device", "loader", "compile", "channels_last", "deterministic",
@@ -172,7 +173,7 @@ def load_run(path: str | Path) -> Run:
     config, starts = _config(path)
     if config is None:
         raise ReportError(f"{path}: holds no run.json and no checkpoint, so its settings are unknown")
-    if "num_labels" not in config and config.get("method") not in ("byol", "mocov2"):
+    if "num_labels" not in config and config.get("method") not in METHODS:
         raise ReportError(f"{path}: not a pretraining or FixMatch run (its run.json is of "
                           f"{config.get('eval', 'something else')!r})")
     lines, unreadable = [], 0
@@ -195,14 +196,22 @@ def _json(path: Path) -> Any:
 
 
 def _config(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """(config, starts) from run.json, else the config of the newest checkpoint that has its meta.json."""
+    """(config, starts) from run.json, else the config of the newest checkpoint that has its meta.json; the
+    settings of a config saved before a rename under their new names (`fastse.config.RENAMED`)."""
     info = _json(path / "run.json")
     if isinstance(info, dict) and isinstance(info.get("config"), dict):
-        return info["config"], list(info.get("starts") or [])
+        return _renamed(path, info["config"]), list(info.get("starts") or [])
     for meta in sorted((path / "checkpoints").glob("step-*/meta.json"), reverse=True):
         if isinstance(data := _json(meta), dict) and isinstance(data.get("config"), dict):
-            return data["config"], []
+            return _renamed(path, data["config"]), []
     return None, []
+
+
+def _renamed(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return renamed(config, where=f"{path}: ")
+    except ValueError as e:  # both names of one setting, with different values
+        raise ReportError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------- tables
@@ -271,9 +280,9 @@ class Table:
 
     def baseline(self, group: Group) -> Group | None:
         """The EMA group with the same settings as `group` but the teacher rule (None for EMA rows)."""
-        if group.config.get("smoothing") == "ema":
+        if group.config.get("rule") == "ema":
             return None
-        same = [g for g in self.groups if g.config.get("smoothing") == "ema" and
+        same = [g for g in self.groups if g.config.get("rule") == "ema" and
                 _without(g.key, TEACHER) == _without(group.key, TEACHER)]
         return same[0] if len(same) == 1 else None
 
@@ -295,7 +304,7 @@ def eval_name(kind: str) -> str:
 def _key(config: dict[str, Any]) -> tuple:
     """What makes runs the same experiment: every setting but the seed and bookkeeping (and, under EMA,
     keep_prob and granularity, which it does not use)."""
-    skip = BOOKKEEPING | ({"keep_prob", "granularity"} if config.get("smoothing") == "ema" else set())
+    skip = BOOKKEEPING | ({"keep_prob", "granularity"} if config.get("rule") == "ema" else set())
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in skip))
 
 
@@ -305,7 +314,7 @@ def _without(key: tuple, names: Iterable[str]) -> tuple:
 
 def teacher_label(config: dict[str, Any]) -> str:
     """`ema`, or `sts p=0.7 tensor` / `se p=0.7 element`."""
-    rule = config.get("smoothing", "?")
+    rule = config.get("rule", "?")
     return rule if rule == "ema" else f"{rule} p={config.get('keep_prob')} {config.get('granularity')}"
 
 
@@ -364,7 +373,7 @@ def _delta(group: Group, base: Group | None, column: str) -> tuple[str, float, b
 
 def _claim(group: Group, method: str, delta: float, beyond: bool | None) -> tuple[str, str]:
     """(the paper's claim for the row's rule against EMA, whether this row agrees)."""
-    rule = group.config.get("smoothing")
+    rule = group.config.get("rule")
     if rule not in CLAIMS:
         return "–", "–"
     claim = CLAIMS[rule] + CLAIMED_FIGURES.get((rule, method), "")

@@ -21,6 +21,8 @@ from fastse.atomic import write_atomic
 
 FILE = "eval.json"
 FORMAT = "fastse-eval/2"
+# FixMatch's figure: the median test top-1 of the last 20 evaluations (`fastse semi` reports it, `fastse report` too)
+MEDIAN_OF = 20
 
 
 def read_results(folder: str | Path) -> list[dict[str, Any]]:

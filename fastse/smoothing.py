@@ -22,6 +22,7 @@ import copy
 import math
 import struct
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -29,14 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from fastse import philox
+from fastse.choices import BUFFER_MODES, GRANULARITIES, KERNELS, RULES  # re-exported: fastse.smoothing.RULES
 
-Rule = Literal["ema", "se", "sts"]
-Granularity = Literal["tensor", "channel", "element"]
-BufferMode = Literal["keep", "copy", "ema"]
-RULES: tuple[str, ...] = ("ema", "se", "sts")
-GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "element")
-BUFFER_MODES: tuple[str, ...] = ("keep", "copy", "ema")
-KERNELS: tuple[str, ...] = ("auto", "triton", "torch")
+Rule = Literal["ema", "se", "sts"]  # = RULES
+Granularity = Literal["tensor", "channel", "element"]  # = GRANULARITIES
+BufferMode = Literal["keep", "copy", "ema"]  # = BUFFER_MODES
 
 __all__ = [
     "Smoother", "smooth_", "make_teacher", "cosine_momentum", "unwrap",
@@ -165,6 +163,21 @@ class _Plan:
     def _current_signature(self) -> list[int]:
         return list(map(Tensor.data_ptr, self._all))
 
+    def bind(self, teacher: list[Tensor], student: list[Tensor]) -> None:
+        """Update `teacher` from `student` from now on: tensors at the addresses, of the shapes, that the plan was
+        made for (`smooth_`'s cached plans hold no tensor between calls: `unbind`)."""
+        self.teacher, self.student, self._all = teacher, student, teacher + student
+        for g in self.groups:
+            if isinstance(g, _TorchGroup):
+                g.bind()
+
+    def unbind(self) -> None:
+        """Let go of the tensors, keeping the rest (groups, kernel tables, flat buffers) for `bind`."""
+        self.teacher = self.student = self._all = None
+        for g in self.groups:
+            if isinstance(g, _TorchGroup):
+                g.t = g.s = None
+
     @torch.no_grad()
     def run(self, rule: str, key: int, keep_prob: float, weight: float) -> None:
         """One update: `weight` = 1 − momentum, `key` = this step's 64-bit Philox key."""
@@ -231,9 +244,13 @@ class _TorchGroup:
 
     def __init__(self, plan: _Plan, idx: list[int], device: torch.device):
         self.plan, self.idx, self.device = plan, idx, device
-        self.t = [_flat(plan.teacher[i]) for i in idx]
-        self.s = [_flat(plan.student[i]) for i in idx]
-        self.flat: _FlatUpdate | None = None  # built at the first masked channel/element step
+        self.bind()
+        self.flat: _FlatUpdate | _JitUpdate | None = None  # built at the first masked channel/element step
+
+    def bind(self) -> None:
+        """Flat views of this group's tensors of the plan (the update's flat paths read them at each step)."""
+        self.t = [_flat(self.plan.teacher[i]) for i in self.idx]
+        self.s = [_flat(self.plan.student[i]) for i in self.idx]
 
     def run(self, rule, key, keep_prob, weight, host_update):
         plan = self.plan
@@ -253,7 +270,7 @@ class _TorchGroup:
             fn = _philox_weights_kernel(self.device) if self.t and self.t[0].dtype == torch.float32 else None
             use_jit = fn is not None and plan.n_index <= _JIT_MAX_FRAGMENTS
             self.flat = _JitUpdate(self, fn) if use_jit else _FlatUpdate(self)
-        return self.flat.run(rule, key, keep_prob, weight)
+        return self.flat.run(self, rule, key, keep_prob, weight)
 
 
 class _FlatUpdate:
@@ -298,11 +315,10 @@ class _FlatUpdate:
         self.fs = torch.zeros(offsets[-1], dtype=dtype, device=device)
         self.ft_views = [self.ft[a : a + n] for a, n in zip(offsets, sizes)]
         fs_views = [self.fs[a : a + n] for a, n in zip(offsets, sizes)]
-        self.gather = (self.ft_views + fs_views, group.t + group.s)
-        self.teacher = group.t
+        self.views = self.ft_views + fs_views  # gathered from the group's teacher + student tensors at each step
         self.element_flags = [self.flags[a : a + n] for a, n in zip(offsets, sizes)]  # per tensor, at element
 
-    def run(self, rule: str, key: int, keep_prob: float, weight: float) -> _Deferred:
+    def run(self, group: _TorchGroup, rule: str, key: int, keep_prob: float, weight: float) -> _Deferred:
         philox.draws_at_least(key, self.counters, _threshold16(keep_prob), out=self.flags)
         if self.granularity == "element":
             mask, flagged = self.flags, self.element_flags
@@ -311,11 +327,11 @@ class _FlatUpdate:
             d = frag.to(torch.int8)
             self.change[self.starts] = torch.diff(d, prepend=d.new_zeros(1))
             mask, flagged = torch.cumsum(self.change, 0, dtype=torch.int8, out=self.mask).view(torch.bool), [frag]
-        torch._foreach_copy_(*self.gather)
+        torch._foreach_copy_(self.views, group.t + group.s)
         if rule == "sts":
             torch.lerp(self.ft, self.fs, weight, out=self.fs)
         torch.where(mask, self.fs, self.ft, out=self.ft)
-        torch._foreach_copy_(self.teacher, self.ft_views)
+        torch._foreach_copy_(group.t, self.ft_views)
         return _Deferred(lambda: int(sum(f.sum() for f in flagged)))  # one sync, when asked
 
 
@@ -390,12 +406,12 @@ class _JitUpdate:
         self.element_fragments = torch.cat(ids).to(torch.int32).view(torch.float32)
         self.fragments = (self.element_fragments if plan.granularity == "element"
                           else torch.cat(fragments).to(torch.int32).view(torch.float32))
-        self.t, self.s, self.sizes, self.fn = group.t, group.s, [t.numel() for t in group.t], fn
+        self.sizes, self.fn = [t.numel() for t in group.t], fn
 
-    def run(self, rule: str, key: int, keep_prob: float, weight: float) -> _Deferred:
+    def run(self, group: _TorchGroup, rule: str, key: int, keep_prob: float, weight: float) -> _Deferred:
         args = dict(key_lo=key & 0xFFFFFFFF, key_hi=key >> 32, threshold=_threshold16(keep_prob))
         weights = self.fn(self.element_fragments, weight=1.0 if rule == "se" else weight, **args)
-        torch._foreach_lerp_(self.t, self.s, weights.split(self.sizes))
+        torch._foreach_lerp_(group.t, group.s, weights.split(self.sizes))
         return _Deferred(lambda: int((self.fn(self.fragments, weight=1.0, **args) != 0).sum()))  # one sync, when asked
 
 
@@ -465,7 +481,17 @@ _CHANNEL_BLOCK8 = 512  # Philox counters (8 channels each) per program of the ch
 _GRAN_IDS = {"tensor": 0, "channel": 1, "element": 2}
 
 
+# smooth_'s plans by (granularity, kernel, addresses, shapes), the 8 latest. Between calls a plan holds no tensor
+# (`_Plan.unbind`), and it is forgotten once the memory of any of its tensors is freed (a finalizer on each storage),
+# so it neither keeps a model alive nor meets a later model at the same addresses.
 _PLANS: dict[tuple, _Plan] = {}
+_PLAN_FINALIZERS: dict[tuple, list[weakref.finalize]] = {}
+
+
+def _forget_plan(sig: tuple) -> None:
+    _PLANS.pop(sig, None)
+    for finalizer in _PLAN_FINALIZERS.pop(sig, ()):
+        finalizer.detach()
 
 
 @torch.no_grad()
@@ -502,10 +528,19 @@ def smooth_(
     plan = _PLANS.get(sig)
     if plan is None:
         plan = _Plan(teacher_params, student_params, granularity, kernel)
-        if len(_PLANS) >= 8:
-            _PLANS.pop(next(iter(_PLANS)))
+        while len(_PLANS) >= 8:
+            _forget_plan(next(iter(_PLANS)))
+        storages = {id(st): st for st in (t.untyped_storage() for t in teacher_params + student_params)}
+        _PLAN_FINALIZERS[sig] = [weakref.finalize(st, _forget_plan, sig) for st in storages.values()]
+        for finalizer in _PLAN_FINALIZERS[sig]:
+            finalizer.atexit = False
         _PLANS[sig] = plan
-    plan.run(rule, key, keep_prob, 1.0 - momentum)
+    else:
+        plan.bind(teacher_params, student_params)
+    try:
+        plan.run(rule, key, keep_prob, 1.0 - momentum)
+    finally:
+        plan.unbind()
 
 
 def _pairs(teacher: Iterable[tuple[str, Tensor]], student: Iterable[tuple[str, Tensor]], kind: str):

@@ -34,6 +34,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from fastse.atomic import write_atomic
+
 from .recipes import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -441,7 +443,7 @@ def load_uint8(
         "modes": dict(modes),
         "decode_seconds": round(seconds, 2),
     }
-    _write_atomic(meta_path, json.dumps(meta, indent=1))
+    write_atomic(meta_path, json.dumps(meta, indent=1))
     converted = {m: c for m, c in modes.items() if m != "RGB"}
     log.info("decoded %d images in %.1f s into %s (converted to RGB: %s)", n, seconds, array_path, converted)
     return np.load(array_path), index.labels.astype(np.int64, copy=True)
@@ -486,12 +488,6 @@ def _file_list_key(index: ImageFolderIndex) -> str:
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     h.update(np.ascontiguousarray(index.labels, dtype=np.int64).tobytes())
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- sources
@@ -663,7 +659,7 @@ def save_split(path: str | Path, indices: np.ndarray, files: Sequence[str | Path
     name = _relative_names(files)
     entries = [{"index": int(i), "file": name(int(i))} for i in indices]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(entries, indent=0) + "\n")
+    write_atomic(path, json.dumps(entries, indent=0) + "\n")
     return path
 
 
@@ -724,5 +720,5 @@ def dataset_stats(
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
     result = tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
-    _write_atomic(stats_path, json.dumps({"root": str(index.root), "mean": result[0], "std": result[1]}))
+    write_atomic(stats_path, json.dumps({"root": str(index.root), "mean": result[0], "std": result[1]}))
     return result

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fastse.choices import LOADERS as BACKENDS  # the backends above (the CLI's --loader)
+
 from .datasets import (
     SPLIT_NAMES,
     TORCHVISION_SETS,
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensor", "dali")
 MEMORY_SHARE = 0.25  # the uint8 array may take this share of the device's free memory
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fastse.choices import AUGMENTATIONS as AUGMENTATIONS  # re-exported: the two-view recipes of pretraining
+
 # Every op a backend must implement. Geometric ops first, then colour, then masking.
 OPS = (
     "random_resized_crop",  # scale=(lo, hi) of the area, ratio=(lo, hi) aspect; output size x size
@@ -54,6 +56,9 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# px: images at most this are small (CIFAR-like): the small-image recipes (no blur; the test view is the
+# image itself), and data whose median longer side is at most this is small (`sizes.ImageSizes.small`)
+SMALL_SIDE = 64
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,8 @@ def _blur(p: float) -> Op:
 
 
 def byol(size: int = 224) -> Recipe:
-    """BYOL's asymmetric views (Grill et al. 2020). At <= 64 px (CIFAR) there is no blur."""
-    small = size <= 64
+    """BYOL's asymmetric views (Grill et al. 2020). At <= SMALL_SIDE px (CIFAR) there is no blur."""
+    small = size <= SMALL_SIDE
     common = (_crop(size, (0.08, 1.0)), Op("hflip", p=0.5), _jitter(0.4, 0.4, 0.2, 0.1), Op("grayscale", p=0.2))
     v1 = common + (() if small else (_blur(1.0),))
     v2 = common + (() if small else (_blur(0.1),)) + (Op("solarize", p=0.2, params={"threshold": 0.5}),)
@@ -117,8 +122,8 @@ def byol(size: int = 224) -> Recipe:
 
 
 def mocov2(size: int = 224) -> Recipe:
-    """MoCo v2: two views of one recipe (Chen et al. 2020). At <= 64 px (CIFAR) there is no blur."""
-    small = size <= 64
+    """MoCo v2: two views of one recipe (Chen et al. 2020). At <= SMALL_SIDE px (CIFAR) there is no blur."""
+    small = size <= SMALL_SIDE
     ops = (_crop(size, (0.2, 1.0)), _jitter(0.4, 0.4, 0.4, 0.1), Op("grayscale", p=0.2))
     ops += (() if small else (_blur(0.5),)) + (Op("hflip", p=0.5),)
     return Recipe("mocov2", (View(ops), View(ops)), size)
@@ -127,8 +132,8 @@ def mocov2(size: int = 224) -> Recipe:
 def simclr(size: int = 224) -> Recipe:
     """SimCLR's two views of one recipe (Chen et al. 2020), colour strength 0.5 as its CIFAR runs (and
     lightly's CIFAR-10 benchmarks) use: jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, flip,
-    RandomResizedCrop (0.08-1); blur p=0.5 only above 64 px."""
-    small = size <= 64
+    RandomResizedCrop (0.08-1); blur p=0.5 only above SMALL_SIDE px."""
+    small = size <= SMALL_SIDE
     ops = (_crop(size, (0.08, 1.0)), Op("hflip", p=0.5), _jitter(0.4, 0.4, 0.4, 0.1), Op("grayscale", p=0.2))
     return Recipe("simclr", (View(ops + (() if small else (_blur(0.5),))),) * 2, size)
 
@@ -150,8 +155,8 @@ def linear(size: int = 224) -> Recipe:
 
 
 def evaluation(size: int = 224) -> Recipe:
-    """Test-time view: resize the short side to size * 256/224, centre crop; identity at <= 64 px."""
-    if size <= 64:
+    """Test-time view: resize the short side to size * 256/224, centre crop; identity at <= SMALL_SIDE px."""
+    if size <= SMALL_SIDE:
         return Recipe("eval", (View(()),), size)
     op = Op("resize_center_crop", params={"size": size, "resize": round(size * 256 / 224)})
     return Recipe("eval", (View((op,)),), size)
@@ -159,7 +164,7 @@ def evaluation(size: int = 224) -> Recipe:
 
 RECIPES = {"byol": byol, "mocov2": mocov2, "simclr": simclr, "fixmatch": fixmatch, "linear": linear,
            "eval": evaluation}
-AUGMENTATIONS = ("byol", "mocov2", "simclr")  # the two-view recipes a pretraining run may use
+# AUGMENTATIONS (fastse.choices, imported above): the two-view recipes of RECIPES a pretraining run may use
 
 
 def get_recipe(name: str, size: int) -> Recipe:

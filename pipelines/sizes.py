@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import DataError, ImageFolderIndex, _listing
+from .recipes import SMALL_SIDE  # px: data whose median longer side is at most this is small (CIFAR-like)
 
-SMALL_SIDE = 64  # px: data whose median longer side is at most this is small (CIFAR-like)
 LARGE_SIZE = 224  # px: the training crop of large data when none is set
 FAR = 4  # large data: an image whose longer side is over FAR x or under 1 / FAR x the median is an outlier
 

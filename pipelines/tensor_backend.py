@@ -540,8 +540,11 @@ def _nchw(batch: Tensor) -> Tensor:
     return batch if batch.shape[1] == 3 else batch.permute(0, 3, 1, 2).contiguous()
 
 
-def _normalize(x: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype, channels_last: bool):
-    """(x - mean) / std into a fresh tensor of `dtype`, NCHW (channels_last memory when asked)."""
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype,
+              channels_last: bool) -> Tensor:
+    """(x - mean) / std into a fresh tensor of `dtype`, NCHW (channels_last memory when asked); `x` [N, 3, H, W]
+    in [0, 1], or uint8 (divided by 255 first). The views' last step, and FixMatch's test images'."""
+    x = _to_float(x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
     scale = _const(tuple(1 / s for s in std), (1, 3, 1, 1), x.device)
@@ -584,7 +587,7 @@ def augment_views(
             for record, chunk in zip(records, value.split(n), strict=True):
                 record[name] = chunk
     outs = tuple(
-        _normalize(_run(part, view.ops[k:], _Draws(n, x.device, generator, size, rec)), mean, std, dtype, channels_last)
+        normalize(_run(part, view.ops[k:], _Draws(n, x.device, generator, size, rec)), mean, std, dtype, channels_last)
         for part, view, rec in zip(parts, views, records, strict=True)
     )
     return (outs, records) if return_params else outs

@@ -18,9 +18,7 @@ from torch import nn
 
 from fastse.checkpoints import (
     CheckpointError,
-    export_backbone,
     latest_checkpoint,
-    load_backbone,
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -29,6 +27,7 @@ from fastse.checkpoints import (
     set_rng_state,
 )
 from fastse.models import resnet_backbone
+from fastse.models.export import export_backbone, load_backbone
 
 
 def _groups(step: int = 0) -> dict[str, dict[str, torch.Tensor]]:

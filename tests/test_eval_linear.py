@@ -142,7 +142,7 @@ def test_two_process_gloo_ddp_trains_one_head(tiny_run, tiny_cifar):
 
 
 def test_fast_protocol_and_ragged_batches_are_refused_under_ddp(tiny_run, tiny_cifar, monkeypatch):
-    from fastse.engine import distributed
+    from fastse import distributed
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     backbone, data = load_backbone_for_eval(tiny_run), eval_data(tiny_cifar, dataset="cifar10")

@@ -37,7 +37,7 @@ from fastse.cli.main import main
 from fastse import checkpoints as ckpt
 from fastse.checkpoints import CheckpointError, check_run_dir, latest_checkpoint, load_checkpoint
 from fastse.config import PretrainConfig
-from fastse.engine import distributed as ddp
+from fastse.engine import launch as ddp
 from fastse.engine import trainer as trainer_module
 from fastse.engine.trainer import Trainer, TrainingError
 from fastse.semi import trainer as semi_module
@@ -412,7 +412,7 @@ def _refused(faults, fault: str, args: list[str], message: str, out: Path | None
     ("keep_prob outside [0, 1]", ["--keep-prob", "-0.1"], "--keep-prob=-0.1 is outside [0, 1]"),
     ("unknown architecture", ["--arch", "vit_b_16"], "Invalid value for '--arch'"),
     ("unknown method", ["--method", "simclr"], "Invalid value for '--method'"),
-    ("unknown teacher rule", ["--smoothing", "swa"], "Invalid value for '--smoothing'"),
+    ("unknown teacher rule", ["--smoothing", "swa"], "Invalid value for '--rule' / '--smoothing'"),
 ])
 def test_impossible_flags_exit_2(data, tmp_path, fault, extra, message, faults, no_gpu_work):
     out = tmp_path / "run"
@@ -869,7 +869,7 @@ def test_semi_resume_of_another_runs_settings_exits_2(data, semi_reference, faul
     args = semi_args(data, semi_reference, "--resume", "--smoothing", "ema", "--widen", "2")
     before = sorted(p.name for p in (semi_reference / "checkpoints").iterdir())
     _refused(faults, "semi --resume of another run's settings", args,
-             "holds a run with --widen=1, --smoothing='sts', this one has --widen=2, --smoothing='ema'", None)
+             "holds a run with --widen=1, --rule='sts', this one has --widen=2, --rule='ema'", None)
     assert sorted(p.name for p in (semi_reference / "checkpoints").iterdir()) == before
 
 

@@ -112,7 +112,7 @@ def _moco_rank(rank: int, world: int, port: int, result_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from fastse.engine.distributed import all_gather_cat
+        from fastse.distributed import all_gather_cat
 
         method = _moco(queue_size=16).eval()  # per-sample BN (same statistics on both ranks): keys
         xq, xk = _views(n=4, seed=10 + rank)   # encoded on the other rank must come back in order

@@ -20,7 +20,7 @@ from fastse.cli.main import main
 from test_faults import cli_args
 
 from fastse.checkpoints import latest_checkpoint, load_checkpoint
-from fastse.engine import distributed as ddp
+from fastse.engine import launch as ddp
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 150  # both nodes must be done by then; a node still running is killed with its workers

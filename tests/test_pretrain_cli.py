@@ -46,7 +46,7 @@ def test_cli_choices_match_the_library():
     from fastse.smoothing import GRANULARITIES, RULES
 
     library = {"method": cfg.METHODS, "arch": ARCHS, "dataset": cfg.DATASETS, "loader": cfg.LOADERS,
-               "optimizer": cfg.OPTIMIZERS, "smoothing": RULES, "granularity": GRANULARITIES,
+               "optimizer": cfg.OPTIMIZERS, "rule": RULES, "granularity": GRANULARITIES,
                "momentum_schedule": cfg.MOMENTUM_SCHEDULES, "augmentation": cfg.AUGMENTATIONS}
     assert {k: tuple(v) for k, v in library.items()} == cli.CHOICES
     from fastse.cli import training
@@ -62,7 +62,7 @@ def test_cli_choices_match_the_library():
     (dict(momentum=-0.1), "momentum=-0.1 is outside"),
     (dict(arch="vit"), "arch='vit' is not one of"),
     (dict(method="simclr"), "method='simclr' is not one of"),
-    (dict(smoothing="swa"), "smoothing='swa'"),
+    (dict(smoothing="swa"), "rule='swa'"),
     (dict(epochs=0), "epochs=0 must be >= 1"),
     (dict(warmup_epochs=300), "warmup_epochs=300 must be shorter"),
     (dict(data=None, dataset=None), "data=None and dataset=None"),
@@ -87,7 +87,7 @@ def test_validate_needs_a_batch_divisible_by_the_processes():
     (["--data", "/no/such/folder"], "/no/such/folder: no such folder or archive"),
     (["--preset", "byol-imagenet"], "--dataset=imagenet cannot be downloaded"),
     (["--preset", "byol-cifar10", "--arch", "vgg16"], "Invalid value for '--arch'"),
-    (["--preset", "byol-cifar10", "--smoothing", "swa"], "Invalid value for '--smoothing'"),
+    (["--preset", "byol-cifar10", "--smoothing", "swa"], "Invalid value for '--rule' / '--smoothing'"),
     (["--data", "cifar10", "--epochs", "0"], "--epochs=0 must be >= 1"),
     (["--preset", "byol-cifar10", "--pred-hidden-dim", "0"], "--pred-hidden-dim=0 must be >= 1"),
     (["--preset", "mocov2-cifar10", "--temperature", "0"], "--temperature=0.0 must be > 0"),

@@ -356,9 +356,9 @@ def test_study_starts_a_job_on_its_gpu_in_a_process_group_of_its_own(tmp_path, m
     monkeypatch.setattr(study.subprocess, "Popen", lambda argv, **kw: seen.update(argv=argv, **kw))
     job = study.Job("a-s0", "pretrain", tmp_path / "a", ["pretrain", "--seed", "0"], 0)
     study.start(job, "3", tmp_path)
-    assert seen["argv"] == [sys.executable, "-m", "fastse.cli.main", "pretrain", "--seed", "0"]
+    assert seen["argv"] == [sys.executable, "-P", "-m", "fastse.cli.main", "pretrain", "--seed", "0"]
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "3" and seen["process_group"] == 0
-    assert seen["env"]["PYTHONPATH"].split(":")[0] == str(REPO)
+    assert str(REPO) not in seen["env"].get("PYTHONPATH", "")  # -P: the installed fastse, not the checkout's
     assert "CUDA_VISIBLE_DEVICES=3: " in (tmp_path / "a-s0.log").read_text()
 
 

@@ -18,6 +18,7 @@ from fastse.cli.main import main
 from fastse import checkpoints as ckpt
 from fastse.config import MONITORS, PretrainConfig, config_toml, read_config_file
 from fastse.engine.trainer import Trainer
+from fastse.models.export import load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def probe_run(data, tmp_path_factory) -> Path:
 
 
 def test_views_preview_is_the_pipelines_first_batch(probe_run):
-    from fastse.engine import distributed as ddp
+    from fastse.engine import launch as ddp
     from fastse.engine.preview import read_png, view_grid
     from fastse.engine.trainer import _build_data
 
@@ -190,7 +191,7 @@ def test_best_holds_the_best_knn_check(probe_run):
     assert meta["best"]["metric"] == "knn_top1" and meta["best"]["value"] == best["knn_top1"]
     assert meta["step"] == meta["best"]["step"] == best["step"]
     assert {f"{g}.safetensors" for g in ("student", "teacher", "optimizer", "rng", "probe")} <= set(meta["files"])
-    backbone = ckpt.load_backbone(path / "backbone.safetensors")  # checksum verified
+    backbone = load_backbone(path / "backbone.safetensors")  # checksum verified
     teacher = ckpt.load_checkpoint(path)[0]["teacher"]
     assert all(torch.equal(v, teacher[f"backbone.{k}"]) for k, v in backbone.state_dict().items())
     assert len(list((probe_run / "checkpoints").glob("step-*"))) <= 3  # the last K are kept apart from it

@@ -142,7 +142,7 @@ def test_presets_and_cli_choices():
     from fastse.config import COMPILE_MODES
     from fastse.smoothing import GRANULARITIES, RULES
 
-    library = {"dataset": cfg.DATASETS, "smoothing": RULES, "granularity": GRANULARITIES, "buffers": cfg.BUFFER_MODES,
+    library = {"dataset": cfg.DATASETS, "rule": RULES, "granularity": GRANULARITIES, "buffers": cfg.BUFFER_MODES,
                "monitor": cfg.MONITORS}
     assert {k: tuple(v) for k, v in library.items()} == cli.CHOICES
     from fastse.cli import training
@@ -160,7 +160,7 @@ def test_presets_and_cli_choices():
 ])
 def test_twenty_steps(tiny_cifar, cache, tmp_path, rule, granularity, buffers):
     out = tmp_path / "run"
-    trainer = SemiTrainer(small(tiny_cifar, out, cache, smoothing=rule, granularity=granularity, buffers=buffers))
+    trainer = SemiTrainer(small(tiny_cifar, out, cache, rule=rule, granularity=granularity, buffers=buffers))
     initial = {k: v.clone() for k, v in trainer.model.teacher.state_dict().items()}
     result = trainer.fit()
     assert result["step"] == 20 and math.isfinite(result["loss"])
@@ -207,7 +207,7 @@ def test_teacher_targets_switch_routes_weak_views_through_the_teacher(tiny_cifar
 
 
 def test_interrupted_and_resumed_run_is_bit_identical(tiny_cifar, cache, tmp_path):
-    common = dict(smoothing="sts", granularity="channel", buffers="ema", teacher_targets=True, threshold=0.3,
+    common = dict(rule="sts", granularity="channel", buffers="ema", teacher_targets=True, threshold=0.3,
                   deterministic=True)
     train(small(tiny_cifar, tmp_path / "a", cache, **common))
     stopped = train(small(tiny_cifar, tmp_path / "b", cache, max_steps=9, **common))  # mid-epoch of both streams
@@ -231,7 +231,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_cifar, cache, tmp_pat
 def test_views_preview_is_the_first_unlabeled_batch(tiny_cifar, cache, tmp_path):
     from fastse.pipelines.datasets import SPLIT_FILE
 
-    from fastse.engine import distributed as ddp
+    from fastse.engine import launch as ddp
     from fastse.engine.preview import read_png, view_grid
     from fastse.semi.data import build_data
 
@@ -386,7 +386,7 @@ def test_two_process_gloo_ddp_keeps_identical_teachers(tiny_cifar, cache, tmp_pa
     (["--mu", "0"], "--mu=0 must be >= 1"),
     (["--depth", "12"], "--depth=12: a Wide ResNet is 6n+4 layers deep"),
     (["--labeled-batch", "64"], "--labeled-batch=64 x --mu=2 unlabeled images a step, but"),
-    (["--smoothing", "swa"], "Invalid value for '--smoothing'"),
+    (["--smoothing", "swa"], "Invalid value for '--rule' / '--smoothing'"),
     (["--buffers", "keep"], "Invalid value for '--buffers'"),
 ])
 def test_bad_flags_exit_2_with_one_clear_line(tiny_cifar, cache, tmp_path, args, message):

@@ -22,9 +22,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fastse.checkpoints import CheckpointError, export_backbone, latest_checkpoint, load_backbone
+from fastse.checkpoints import CheckpointError, latest_checkpoint
 from fastse.config import PretrainConfig
 from fastse.models import resnet_backbone
+from fastse.models.export import export_backbone, load_backbone
 from fastse.report import build_tables, load_run, markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,7 +250,7 @@ def test_one_image_of_another_size_is_refused_by_name_not_a_switch_of_recipe(tin
 def test_the_size_rule_follows_the_median_says_what_it_chose_and_reports_outliers(tiny_cifar, tmp_path):
     from fastse.pipelines.sizes import image_sizes
 
-    from fastse.engine import distributed as ddp
+    from fastse.engine import launch as ddp
     from fastse.engine.trainer import _build_data
 
     def index(sides: list[tuple[int, int]]) -> ImageFolderIndex:

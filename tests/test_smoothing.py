@@ -212,6 +212,45 @@ def test_functional_smooth_with_a_generator():
     assert 0 < changed
 
 
+@pytest.mark.parametrize("granularity", GRANS)
+def test_functional_smooth_holds_its_tensors_weakly_and_reuses_its_plan(granularity):
+    import gc
+    import weakref
+
+    from fastse import smoothing
+
+    def pair():
+        student = net()
+        return student, make_teacher(student)
+
+    def step(student, teacher):
+        smooth_(list(teacher.parameters()), list(student.parameters()), rule="sts", granularity=granularity,
+                generator=1)
+
+    before = dict(smoothing._PLANS)
+    student, teacher = pair()
+    step(student, teacher)
+    step(student, teacher)  # live tensors: the same plan again
+    mine = [k for k in smoothing._PLANS if k not in before]
+    assert len(mine) == 1
+    plan = smoothing._PLANS[mine[0]]
+    step(student, teacher)
+    assert smoothing._PLANS[mine[0]] is plan
+    gone = [weakref.ref(p) for p in (*student.parameters(), *teacher.parameters())]
+    storage = weakref.ref(next(teacher.parameters()).untyped_storage())
+    del student, teacher, plan
+    gc.collect()
+    assert not any(r() is not None for r in gone) and storage() is None  # the cache kept none of them alive
+    assert not any(k in smoothing._PLANS for k in mine)  # nor their plan
+    student, teacher = pair()  # a new model: a plan of its own, which matches a plain Smoother's update
+    reference = make_teacher(student)
+    perturb(student)
+    step(student, teacher)
+    sm = Smoother(student, reference, rule="sts", granularity=granularity)
+    sm._plan.run("sts", 1, 0.7, 1 - 0.99)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), reference.parameters()))
+
+
 def test_philox_known_answer():
     # Random123's known-answer vector for Philox4x32-10, counter 0, key 0
     assert philox.philox4x32(0, torch.tensor([0]))[0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]

@@ -54,7 +54,7 @@ def _without_wall(lines: list[dict]) -> list[dict]:
 ])
 def test_twenty_steps(tiny_cifar, tmp_path, method, rule, granularity):
     out = tmp_path / "run"
-    trainer = Trainer(small(tiny_cifar, out, method=method, smoothing=rule, granularity=granularity))
+    trainer = Trainer(small(tiny_cifar, out, method=method, rule=rule, granularity=granularity))
     initial = {k: v.clone() for k, v in trainer.method.teacher.state_dict().items()}
     result = trainer.fit()
     assert result["step"] == 20 and math.isfinite(result["loss"])
@@ -371,7 +371,7 @@ def test_knn_student_measures_the_student_beside_the_teacher(tiny_cifar, tmp_pat
     scores = {}
     for momentum in (0.0, 1.0):
         out = tmp_path / f"m{momentum:g}"
-        config = small(tiny_cifar, out, smoothing="ema", momentum=momentum, momentum_schedule="constant",
+        config = small(tiny_cifar, out, rule="ema", momentum=momentum, momentum_schedule="constant",
                        buffers="copy", knn_student=True, epochs=1, lr=0.5)
         result = Trainer(config).fit()
         knn = [m for m in _lines(out) if "knn_top1" in m]
@@ -426,7 +426,7 @@ def test_run_log_of_a_resumed_run_drops_the_lines_after_its_checkpoint(tmp_path)
 
 
 def _diverge_worker(rank: int, world: int, port: int, fault: str, out) -> None:
-    from fastse.engine.distributed import RanksDiverged, check_same_across_ranks
+    from fastse.distributed import RanksDiverged, check_same_across_ranks
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

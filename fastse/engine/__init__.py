@@ -1,2 +1,2 @@
-"""The pretraining engine: optimizers and schedules (`optim`), torchrun processes (`distributed`),
-metrics output (`logging`) and the loop (`trainer.train`)."""
+"""The pretraining engine: optimizers and schedules (`optim`), torchrun processes (`launch`; their collectives
+are `fastse.distributed`'s), mixed precision (`amp`), metrics output (`logging`) and the loop (`trainer.train`)."""

@@ -24,8 +24,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastse import checkpoints as ckpt
-from fastse.engine import distributed as ddp
-from fastse.engine import progress, runs
+from fastse import distributed as ddp
+from fastse.engine import launch, progress, runs
+from fastse.engine.amp import autocast
 from fastse.engine.watchdog import StopWatchdog
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
@@ -47,7 +48,7 @@ class RunTrainer:
     lr_unit = ""
 
     def __init__(self, config: Any, *, resume: bool, checkpoint_bytes: Callable[[Any], int]):
-        self.owns_group = not (dist.is_available() and dist.is_initialized())
+        self.owns_group = not ddp.is_initialized()
         if resume and config.data is None and (data := runs.recorded_data(Path(config.out))):
             config = config.replace(data=data)  # --resume without --data: the data the run trained on
         # every rank checks everything it can before joining the group or touching a GPU; rank 0 locks the folder
@@ -58,7 +59,7 @@ class RunTrainer:
         try:
             self._check_env()
             runs.set_determinism(config.deterministic, self.cuda)
-            self.env = ddp.init_distributed(config.device)
+            self.env = launch.init_distributed(config.device)
             if start is not None and (changed := runs.changed_fields(start[1]["config"], config.to_dict(),
                                                                      self.resumable)):
                 self.print(f"resuming with changed settings: {changed}")
@@ -67,9 +68,9 @@ class RunTrainer:
             self.step = 0
             self._build(start)
         except BaseException as e:
-            ddp.abort(e)
+            launch.abort(e)
             if self.owns_group:
-                ddp.cleanup()
+                launch.cleanup()
             if self.lock is not None:
                 self.lock.release()
             raise
@@ -83,7 +84,7 @@ class RunTrainer:
 
     @contextlib.contextmanager
     def _running(self):
-        """Around `fit`'s loop: a failure ends every rank (`distributed.abort`); the run log is closed, the
+        """Around `fit`'s loop: a failure ends every rank (`launch.abort`); the run log is closed, the
         run folder given up and the process group left either way. SIGTERM, SIGUSR1 and a first Ctrl-C
         (SIGINT) are noted for `_stop_reason` meanwhile (in the main thread; the previous handlers come
         back after); a Ctrl-C after a noted signal raises KeyboardInterrupt at once. With several ranks, a
@@ -106,7 +107,7 @@ class RunTrainer:
         try:
             yield
         except BaseException as e:
-            ddp.abort(e)
+            launch.abort(e)
             raise
         finally:
             watching.close()
@@ -114,7 +115,7 @@ class RunTrainer:
                 signal.signal(sig, previous)
             self.close()
             if self.owns_group:
-                ddp.cleanup()
+                launch.cleanup()
 
     def _stop_reason(self) -> str | None:
         """Why to stop before the end, asked at log lines (a host sync anyway): a SIGTERM or SIGUSR1
@@ -263,9 +264,7 @@ class RunTrainer:
         return consumer_stream(self.train_loader, self.env.device)
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return autocast(self.env.device, self.amp_dtype)
 
     def _first_step_done(self, started: float) -> float:
         """Seconds since `started` of the first step, compilation included: printed and logged."""

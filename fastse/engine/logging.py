@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fastse.atomic import write_atomic
+from fastse.engine.progress import duration
 from fastse.wandb_settings import wandb_mode, wandb_tags
 
 log = logging.getLogger("fastse")
@@ -364,10 +365,14 @@ def progress_line(m: dict[str, Any], total_steps: int, epochs: int) -> str:
         parts.append(f"dist {m['distance']:.4f}")
     parts.append(f"{m['img_per_s']:,.0f} img/s")
     if m["img_per_s"] > 0 and "eta_s" in m:
-        parts.append(f"eta {_duration(m['eta_s'])}")
+        parts.append(f"eta {duration(m['eta_s'])}")
     return " | ".join(parts)
 
 
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+def teacher_stats(smoother: Any, *, momentum: bool = False) -> dict[str, float]:
+    """The teacher's statistics of a metrics line from `smoother` (a `fastse.smoothing.Smoother`; a host
+    sync): "updated_fraction" and "distance" and, with `momentum`, the momentum of its last step (pretraining
+    logs its scheduled momentum instead)."""
+    s = smoother.stats(distance=True)
+    keys = ("momentum", "updated_fraction", "distance") if momentum else ("updated_fraction", "distance")
+    return {k: s[k] for k in keys if k in s}

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -25,7 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from fastse import checkpoints as ckpt
-from fastse.engine import distributed as ddp
+from fastse import distributed as ddp
+from fastse.config import renamed
+from fastse.engine import launch
+from fastse.models.export import export_backbone
 from fastse.runlock import RunLock
 
 T = TypeVar("T")
@@ -59,10 +62,10 @@ def preflight(config: RunConfig, *, resume: bool, fixed: Sequence[str],
     the launcher's world size), that the run folder can be written and has room for checkpoints of about
     `checkpoint_bytes(config)` bytes (the last `keep_ckpts` and, unless `monitor` is "none", best/), that
     no other run owns it, and the checkpoint to resume (`find_checkpoint`). Returns this process's place
-    (`distributed.launch_env`), the checkpoint to start from (None: a fresh start) and, on rank 0, the run
+    (`launch.launch_env`), the checkpoint to start from (None: a fresh start) and, on rank 0, the run
     folder's lock, held for all the run's ranks until released. Raises ValueError (CheckpointError, for the
     folder; FolderInUse) with one line."""
-    env = ddp.launch_env(config.device)
+    env = launch.launch_env(config.device)
     config.validate(env.world_size)
     out = Path(config.out)
     ckpt.check_run_dir(out, checkpoint_bytes(config), keep=config.keep_ckpts,
@@ -81,6 +84,15 @@ def preflight(config: RunConfig, *, resume: bool, fixed: Sequence[str],
             lock.release()
         raise
     return env, start, lock
+
+
+def checkpoint_size(state: Iterable[Tensor], trained: Iterable[Tensor], exported: Iterable[Tensor] = ()) -> int:
+    """About the bytes of one checkpoint (each trainer's `checkpoint_bytes`, for `preflight`): the tensors of
+    `state` (student, teacher, queue), one optimizer buffer per tensor of `trained` (SGD and LARS momentum)
+    and `exported` (a backbone export beside it). Give tensors of models built on the meta device
+    (`with torch.device("meta")`): no memory, no GPU."""
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
+    return size(state) + size(trained) + size(exported)
 
 
 def recorded_data(out: Path) -> str | None:
@@ -108,7 +120,7 @@ def find_checkpoint(out: Path, resume: bool, *, config: dict[str, Any], fixed: S
         raise ckpt.CheckpointError(f"{out} already holds checkpoints ({latest.name}): "
                                    "resume it (--resume) or choose another output folder")
     meta = json.loads((latest / ckpt.META).read_text())
-    saved = meta.get("config", {})
+    meta["config"] = saved = renamed(meta.get("config", {}))  # a checkpoint saved before a rename: the new names
     if differ := [k for k in fixed if saved.get(k) != config[k]]:
         was, asked = (", ".join(f"{k}={d.get(k)!r}" for k in differ) for d in (saved, config))
         raise ckpt.CheckpointError(f"--resume: {out} holds a run with {was}, this one has {asked}: "
@@ -267,10 +279,12 @@ def save_checkpoint(out: Path, step: int, groups: dict[str, dict[str, Tensor]], 
 
 def save_best(out: Path, step: int, groups: dict[str, dict[str, Tensor]], meta: dict, *,
               backbone: nn.Module | None = None) -> Path:
-    """`checkpoints.save_best` (the run folder's best/), whose failure to write is a TrainingError naming the
-    step, as for `save_checkpoint`."""
+    """`checkpoints.save_best` (the run folder's best/), with `backbone` exported in it (`backbone.safetensors`,
+    `models.export`) when given, whose failure to write is a TrainingError naming the step, as for
+    `save_checkpoint`."""
+    extra = (lambda folder: export_backbone(folder, backbone)) if backbone is not None else None
     try:
-        return ckpt.save_best(out, step, groups, meta, backbone=backbone)
+        return ckpt.save_best(out, step, groups, meta, extra=extra)
     except OSError as e:
         raise TrainingError(f"step {step}: the best checkpoint could not be written to {out / ckpt.BEST} ({e}): "
                             "make room and continue with --resume") from e

@@ -23,7 +23,7 @@ teacher and queue hold only finite values and that the ranks' teachers agree, so
 diverged teacher is never saved and the newest checkpoint stays the last good one. We stop rather
 than skip such steps: by the time the host sees the loss, the optimizer and the teacher have already
 taken it in, and skipping would cost a sync every step. A rank that raises tells the others, which
-end within about a second (`distributed.abort`). A resumed run's metrics.jsonl loses the lines of
+end within about a second (`launch.abort`). A resumed run's metrics.jsonl loses the lines of
 the steps after its checkpoint, which are written again.
 """
 
@@ -33,20 +33,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from fastse import checkpoints as ckpt
+from fastse import distributed as ddp
 from fastse.config import PretrainConfig
-from fastse.engine import distributed as ddp
 from fastse.engine import progress, runs
 from fastse.engine.base import RunTrainer
-from fastse.engine.logging import RunLog, progress_line, wandb_options
+from fastse.engine.logging import RunLog, progress_line, teacher_stats, wandb_options
 from fastse.engine.optim import build_optimizer, lr_at, set_lr
 from fastse.engine.probe import GROUP, OnlineProbe
 from fastse.engine.runs import LossMeter, TrainingError
 from fastse.methods import Method, build_method
+from fastse.models.export import export_backbone
 from fastse.smoothing import Smoother, cosine_momentum
 
 # fields that may change between a run and its resumption without changing what is trained
@@ -56,7 +56,7 @@ _RESUMABLE = frozenset({"max_steps", "time_limit", "out", "wandb", "wandb_projec
                         "compile_mode", "data", "online_probe", "probe_lr", "monitor"})
 # fields a resumed run must share with its checkpoint: the model, optimizer and teacher rule it holds
 _FIXED = ("method", "arch", "cifar_stem", "proj_hidden_dim", "proj_dim", "pred_hidden_dim", "queue_size",
-          "optimizer", "smoothing", "keep_prob", "granularity", "buffers")
+          "optimizer", "rule", "keep_prob", "granularity", "buffers")
 
 __all__ = ["Trainer", "train", "TrainingError", "checkpoint_bytes"]
 
@@ -105,7 +105,7 @@ class Trainer(RunTrainer):
         self.method: Method = method.train()
         self.optimizer = build_optimizer(method.student, config.optimizer, lr=config.scaled_lr,
                                          momentum=config.sgd_momentum, weight_decay=config.weight_decay)
-        self.smoother = Smoother(*method.smoothing_pairs(), rule=config.smoothing, keep_prob=config.keep_prob,
+        self.smoother = Smoother(*method.smoothing_pairs(), rule=config.rule, keep_prob=config.keep_prob,
                                  momentum=config.momentum, granularity=config.granularity, buffers=config.buffers,
                                  seed=config.seed)
         self.probe = self._build_probe()
@@ -128,7 +128,7 @@ class Trainer(RunTrainer):
 
     def fit(self) -> dict[str, Any]:
         c, env = self.config, self.env
-        self.print(f"pretrain {c.method}+{c.smoothing} {c.arch} | {self.data_info} | {env.world_size} process(es) "
+        self.print(f"pretrain {c.method}+{c.rule} {c.arch} | {self.data_info} | {env.world_size} process(es) "
                    f"on {env.device}, batch {c.batch_size} ({c.batch_size // env.world_size} per process) | "
                    f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, peak lr {c.scaled_lr:.4g}"
                    + (f" | resumed at step {self.step}" if self.step else ""))
@@ -183,7 +183,7 @@ class Trainer(RunTrainer):
                 self.log.log({"step": self.step, "teacher_checksum": checksum, "teacher_bit_identical": True})
                 result["teacher_bit_identical"] = True
             if env.is_main:
-                result["backbone"] = str(ckpt.export_backbone(self.out, self.method.backbone))
+                result["backbone"] = str(export_backbone(self.out, self.method.backbone))
             result.update(self._knn())
             result.update(step=self.step, epoch=self.step / self.steps_per_epoch)
             if "knn_top1" in result:
@@ -223,7 +223,7 @@ class Trainer(RunTrainer):
         img_s = steps * c.batch_size / elapsed if elapsed > 0 and steps else 0.0
         m = {"step": self.step, "epoch": epoch, "loss": loss,
              "lr": lr_at(self.step - 1, self.total_steps, c.scaled_lr, self.warmup_steps),
-             "momentum": self.momentum_at(self.step - 1), **_stats(self.smoother), "img_per_s": img_s}
+             "momentum": self.momentum_at(self.step - 1), **teacher_stats(self.smoother), "img_per_s": img_s}
         if img_s:
             m["eta_s"] = (self.stop_step - self.step) * c.batch_size / img_s
         if checksum is not None:
@@ -358,73 +358,52 @@ class Trainer(RunTrainer):
 # --------------------------------------------------------------------------------------- helpers
 
 
-def _stats(smoother: Smoother) -> dict[str, float]:
-    s = smoother.stats(distance=True)
-    return {k: s[k] for k in ("updated_fraction", "distance") if k in s}
-
-
 def checkpoint_bytes(config: PretrainConfig) -> int:
     """About the bytes of one checkpoint of `config`'s run plus its backbone export: the method's
     state (student, teacher, queue), one optimizer buffer per trained parameter (SGD and LARS
     momentum) and the teacher's backbone. Counted on the meta device: no memory, no GPU."""
     with torch.device("meta"):
         method = build_method(config)
-    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
     trained = [p for p in method.student.parameters() if p.requires_grad]
-    return size(method.state_dict().values()) + size(trained) + size(method.backbone.state_dict().values())
+    return runs.checkpoint_size(method.state_dict().values(), trained, method.backbone.state_dict().values())
 
 
 def _build_data(config: PretrainConfig, env: ddp.Dist, dtype: torch.dtype):
     """(train loader of this rank, rank 0's kNN loaders ((loader, n), (loader, n)) or None, a summary, the
-    training images' `runs.data_record`). The size rule (`sizes.image_sizes`) picks the recipe's size."""
-    from fastse.pipelines.datasets import SPLIT_NAMES, DataError, dataset_stats, resolve_data, scan_image_folder
+    training images' `runs.data_record`). The data, its splits, the size rule's size, mean/std and the --limit
+    subsets are `pipelines.resolve`'s; the test split is scanned only where the kNN monitor reads it (rank 0)."""
+    from fastse.pipelines.datasets import DataError
     from fastse.pipelines.loader import build_loader
     from fastse.pipelines.recipes import get_recipe
-    from fastse.pipelines.sizes import image_sizes
+    from fastse.pipelines.resolve import resolve
 
-    root = resolve_data(config.data_spec, cache_dir=config.cache_dir)
-    splits = {d.name for d in root.iterdir() if d.is_dir() and d.name in SPLIT_NAMES}
-    if splits and "train" not in splits:
-        raise DataError(f"{root}: no train/ folder (the tree has {', '.join(sorted(splits))})")
-    train = scan_image_folder(root, split="train" if splits else None)
-    test_split = next((s for s in ("test", "val", "validation", "valid") if s in splits), None)
-    sizes = image_sizes(train).check()
-    size = config.image_size or sizes.default_size
-    stats = dataset_stats(config.dataset or root, cache_dir=config.cache_dir)
+    data = resolve(config.data_spec, use="pretrain", cache_dir=config.cache_dir, dataset=config.dataset,
+                   image_size=config.image_size, limit=config.limit)
+    train, size, sizes, stats = data.train, data.size, data.sizes, data.stats
     common = dict(device=env.device, backend=config.loader, dtype=dtype, channels_last=config.channels_last,
                   cache_dir=config.cache_dir)
-    train_idx = _subset(len(train), config.limit)
-    n_train = len(train) if train_idx is None else len(train_idx)
+    n_train = data.num("train")
     if n_train < config.batch_size:
-        limited = f" (limit={config.limit})" if train_idx is not None else ""
+        limited = f" (limit={config.limit})" if data.train_idx is not None else ""
         raise DataError(f"batch_size={config.batch_size} is more than the {n_train} training images{limited} of "
                         f"{train.root}")
     loader = build_loader(get_recipe(config.augmentation or config.method, size).with_stats(*stats), train,
                           batch_size=config.batch_size // env.world_size, seed=config.seed, rank=env.rank,
-                          world_size=env.world_size, indices=train_idx, drop_last=True, **common)
-    summary = f"{n_train} images of {root} at {size} px ({sizes.verdict}), {type(loader).__name__}"
+                          world_size=env.world_size, indices=data.train_idx, drop_last=True, **common)
+    summary = f"{n_train} images of {data.root} at {size} px ({sizes.verdict}), {type(loader).__name__}"
     record = {**runs.data_record(train), "classes": len(train.classes)}  # classes: the online probe's outputs
     evals = None
-    if env.is_main and test_split is not None:
-        test = scan_image_folder(root, split=test_split, classes=train.classes)
-        image_sizes(train, test).check()
+    if env.is_main and data.test_split is not None:
+        _ = data.test  # scanned and checked with the training images here, before any kNN loader
         recipe = get_recipe("eval", sizes.default_size if sizes.small else size).with_stats(*stats)
         evals = []
-        for index in (train, test):
-            idx = _subset(len(index), config.limit)
-            n = len(index) if idx is None else len(idx)
-            evals.append((build_loader(recipe, index, batch_size=min(512, n), seed=0, indices=idx,
-                                       drop_last=False, **common), n))
-        summary += f"; kNN monitor on {evals[1][1]} {test_split} images"
+        for split in ("train", "test"):
+            n = data.num(split)
+            evals.append((build_loader(recipe, data.index(split), batch_size=min(512, n), seed=0,
+                                       indices=data.indices(split), drop_last=False, **common), n))
+        summary += f"; kNN monitor on {evals[1][1]} {data.test_split} images"
     elif env.is_main:
         summary += "; no test/ or val/ split: no kNN monitor"
     return loader, evals, summary, record
-
-
-def _subset(n: int, limit: int | None) -> np.ndarray | None:
-    """A fixed random subset of `limit` of n samples (the same in every run), or None for all."""
-    if limit is None or limit >= n:
-        return None
-    return np.sort(np.random.default_rng(0).permutation(n)[:limit])
 
 

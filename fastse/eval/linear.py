@@ -25,21 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastse import distributed as ddp
 from fastse.config import require_finite
-from fastse.engine import distributed as ddp
+from fastse.engine.amp import autocast
 from fastse.engine.optim import lr_at, set_lr
-from fastse.pipelines.datasets import (
-    SPLIT_NAMES,
-    TORCHVISION_SETS,
-    DataError,
-    ImageFolderIndex,
-    dataset_stats,
-    resolve_data,
-    scan_image_folder,
-)
+from fastse.pipelines.datasets import ImageFolderIndex
 from fastse.pipelines.loader import consumer_stream
 from fastse.pipelines.recipes import Op, Recipe, View, get_recipe
-from fastse.pipelines.sizes import SMALL_SIDE, image_sizes
+from fastse.pipelines.resolve import resolve
 
 
 @dataclass(frozen=True)
@@ -149,29 +142,13 @@ class EvalData:
 def eval_data(data: str | Path, *, dataset: str | None = None, limit: int | None = None,
               image_size: int | None = None, cache_dir: str | None = None) -> EvalData:
     """The train and test (or val) splits of `data` (a class-folder tree, an archive, cifar10/cifar100);
-    mean/std of `dataset` if given, else of the data; `limit` keeps a fixed subset of each split."""
-    root = resolve_data(data, cache_dir=cache_dir)
-    splits = {d.name for d in root.iterdir() if d.is_dir() and d.name in SPLIT_NAMES}
-    test_split = next((s for s in ("test", "val", "validation", "valid") if s in splits), None)
-    if "train" not in splits or test_split is None:
-        raise DataError(f"{root}: evaluation needs train/ and test/ (or val/) class folders; found "
-                        f"{', '.join(sorted(splits)) or 'neither'}")
-    train = scan_image_folder(root, split="train")
-    test = scan_image_folder(root, split=test_split, classes=train.classes)
-    sizes = image_sizes(train, test).check()
-    size = image_size or sizes.default_size
-    known = str(data).lower() if str(data).lower() in TORCHVISION_SETS else None  # "cifar10": published stats
-    stats = dataset_stats(dataset or known or root, cache_dir=cache_dir)
-    subset = lambda n: None if limit is None or limit >= n else np.sort(np.random.default_rng(0).permutation(n)[:limit])
-    return EvalData(train, test, size, sizes.small and size <= SMALL_SIDE, stats, subset(len(train)), subset(len(test)),
-                    cache_dir)
+    mean/std of `dataset` if given, else of the data; `limit` keeps a fixed subset of each split
+    (`pipelines.resolve` decides, as for pretraining and FixMatch)."""
+    r = resolve(data, use="eval", cache_dir=cache_dir, dataset=dataset, image_size=image_size, limit=limit)
+    return EvalData(r.train, r.test, r.size, r.small, r.stats, r.train_idx, r.test_idx, cache_dir)
 
 
 # -------------------------------------------------------------------------------------- training
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -182,7 +159,7 @@ def features(backbone: nn.Module, batches: Iterable, *, device: torch.device, nu
     feats, labels = [], []
     for x, y in batches:
         x = x[0] if isinstance(x, (tuple, list)) else x
-        with _autocast(device):
+        with autocast(device):
             feats.append(backbone(x.to(device, non_blocking=True)).float().flatten(1))
         labels.append(torch.as_tensor(y).to(device, torch.int64))
     return torch.cat(feats)[:num], torch.cat(labels)[:num]
@@ -407,7 +384,7 @@ def frozen_features(backbone: nn.Module, batches: Iterable[tuple[tuple[Tensor, .
     """(features float32 [B, D], labels int64 [B]) of the frozen `backbone` (eval mode, no gradients) on
     the first view of each `(views, labels)` batch: what the standard protocols train their head on."""
     for views, y in batches:
-        with torch.no_grad(), _autocast(device):
+        with torch.no_grad(), autocast(device):
             f = backbone(views[0]).float().flatten(1)
         yield f, torch.as_tensor(y).to(device, torch.int64)
 
@@ -421,6 +398,6 @@ def _frozen(backbone: nn.Module, device: torch.device) -> nn.Module:
 def _feature_dim(backbone: nn.Module, data: EvalData, device: torch.device) -> int:
     dim = getattr(backbone, "feature_dim", None)
     if dim is None:
-        with _autocast(device):
+        with autocast(device):
             dim = backbone(torch.zeros(2, 3, data.size, data.size, device=device)).flatten(1).shape[1]
     return int(dim)

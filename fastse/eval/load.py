@@ -11,10 +11,11 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from fastse.checkpoints import BACKBONE_FORMAT, CheckpointError, latest_checkpoint, load_backbone, load_checkpoint
-from fastse.models.resnet import ARCHS, resnet_backbone
+from fastse.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
+from fastse.choices import ARCHS, WHICH
+from fastse.models.export import BACKBONE_FORMAT, load_backbone, resnet_arch
+from fastse.models.resnet import resnet_backbone
 
-WHICH = ("teacher", "student")
 _PREFIXES = ("module.", "backbone.", "_orig_mod.")  # DDP, fastse/lightly-style wrappers, torch.compile
 
 
@@ -49,7 +50,7 @@ def load_backbone_for_eval(
 
 
 def _from_run(run: Path, which: str, arch: str | None) -> nn.Module:
-    from fastse.config import PretrainConfig
+    from fastse.config import PretrainConfig, renamed
     from fastse.methods import build_method
 
     latest = latest_checkpoint(run)
@@ -62,8 +63,8 @@ def _from_run(run: Path, which: str, arch: str | None) -> nn.Module:
                               + ("and no backbone.safetensors" if which == "teacher" else "to take the student from"))
     groups, meta = load_checkpoint(latest)
     try:
-        config = PretrainConfig(**meta["config"])
-    except (KeyError, TypeError) as e:
+        config = PretrainConfig(**renamed(meta["config"]))  # a config saved before a rename: the new names
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{latest}: the saved config cannot be read ({e})") from None
     if arch is not None and arch != config.arch:
         raise CheckpointError(f"{latest}: --arch {arch} does not match the run's architecture {config.arch}")
@@ -137,8 +138,6 @@ def _from_state_dict(path: Path, state: dict[str, Tensor], arch: str | None, cif
 
 
 def _check_arch(path: Path, net: nn.Module, arch: str | None) -> None:
-    from fastse.checkpoints import _resnet_arch
-
-    found = _resnet_arch(net)[0]
+    found = resnet_arch(net)[0]
     if arch is not None and arch != found:
         raise CheckpointError(f"{path}: --arch {arch} does not match the saved backbone ({found})")

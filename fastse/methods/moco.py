@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastse.engine import distributed as ddp
+from fastse import distributed as ddp
 from fastse.methods import Encoder, Method
 from fastse.models import moco_head
 from fastse.smoothing import make_teacher

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+from fastse.choices import ARCHS  # re-exported: fastse.models.resnet.ARCHS
 
 
 def resnet_backbone(arch: str = "resnet50", cifar_stem: bool = False) -> nn.Module:

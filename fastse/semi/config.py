@@ -12,15 +12,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from fastse.config import COMPILE_MODES, require_finite
-from fastse.smoothing import GRANULARITIES, RULES
+from fastse.choices import COMPILE_MODES, DTYPES, GRANULARITIES, RULES, WANDB_MODES
+from fastse.choices import SEMI_BUFFER_MODES as BUFFER_MODES  # the teacher's BN statistics come from the student
+from fastse.choices import SEMI_DATASETS as DATASETS
+from fastse.choices import SEMI_MONITORS as MONITORS  # what the best/ checkpoint is chosen by (test top-1, %)
+from fastse.config import renamed, require_finite
 from fastse.wandb_settings import check_wandb_settings
-
-DATASETS = ("cifar10", "cifar100")
-BUFFER_MODES = ("copy", "ema")  # the teacher runs no train-mode forwards: its BN statistics come from the student
-DTYPES = ("bf16", "fp32")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-MONITORS = ("teacher_acc", "student_acc", "none")  # what the best/ checkpoint is chosen by (test top-1, %)
 
 
 @dataclass
@@ -51,7 +48,7 @@ class SemiConfig:
     weight_decay: float = 5e-4          # not on BatchNorm parameters and biases
     sgd_momentum: float = 0.9           # Nesterov
     # smoothed model (teacher)
-    smoothing: str = "sts"              # ema | se | sts
+    rule: str = "sts"                   # ema | se | sts (called smoothing before: fastse.config.RENAMED)
     keep_prob: float = 0.5              # P(keep a teacher fragment), se/sts
     momentum: float = 0.999
     granularity: str = "tensor"         # tensor | channel | element
@@ -87,8 +84,14 @@ class SemiConfig:
         """What `resolve_data` reads: `data`, else the dataset's name (torchvision download)."""
         return self.data or self.dataset or ""
 
+    @property
+    def smoothing(self) -> str:
+        """The old name of `rule` (read-only; `replace` and `preset` also take `smoothing=`)."""
+        return self.rule
+
     def replace(self, **changes: Any) -> SemiConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes` (old names of fastse.config.RENAMED taken as the new ones)."""
+        return dataclasses.replace(self, **renamed(changes))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,7 +101,7 @@ class SemiConfig:
         require_finite(self)
         if not str(self.out).strip():
             raise ValueError("out='' names no folder: give the run folder")
-        for name, choices in (("smoothing", RULES), ("granularity", GRANULARITIES), ("buffers", BUFFER_MODES),
+        for name, choices in (("rule", RULES), ("granularity", GRANULARITIES), ("buffers", BUFFER_MODES),
                               ("dtype", DTYPES), ("wandb", WANDB_MODES),
                               ("compile_mode", COMPILE_MODES), ("monitor", MONITORS)):
             if getattr(self, name) not in choices:

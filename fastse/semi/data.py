@@ -19,24 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastse.engine.distributed import Dist
-from fastse.pipelines.datasets import (
-    DataError,
-    ImageFolderIndex,
-    dataset_stats,
-    labeled_split,
-    load_split,
-    load_uint8,
-    resolve_data,
-    scan_image_folder,
-)
+from fastse.distributed import Dist
+from fastse.pipelines.datasets import DataError, ImageFolderIndex, labeled_split, load_split, load_uint8
 from fastse.pipelines.recipes import fixmatch
-from fastse.pipelines.sizes import image_sizes
-from fastse.pipelines.tensor_backend import TensorLoader
+from fastse.pipelines.resolve import resolve
+from fastse.pipelines.tensor_backend import TensorLoader, normalize
 from fastse.semi.config import SemiConfig
 
 EVAL_BATCH = 1024  # test images per forward
-TEST_SPLITS = ("test", "val", "validation", "valid")
 
 Batch = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # labeled, labels, weak, strong, unlabeled labels
 
@@ -74,24 +64,19 @@ class SemiData:
 def build_data(config: SemiConfig, env: Dist, dtype: torch.dtype, *, saved_split: Path | None = None) -> SemiData:
     """Scan and check the data, pick the labeled split (or read `saved_split`, a resumed run's), and hold
     this rank's loaders and test shard on `env.device` (images in `dtype`)."""
-    root = resolve_data(config.data_spec, cache_dir=config.cache_dir)
-    if not (root / "train").is_dir():
-        raise DataError(f"{root}: no train/ folder; fastse semi needs train/ and test/ (or val/) class folders")
-    test_split = next((s for s in TEST_SPLITS if (root / s).is_dir()), None)
-    if test_split is None:
-        raise DataError(f"{root}: no test/ or val/ folder; fastse semi evaluates the models on it")
-    train = scan_image_folder(root, split="train")
-    test = scan_image_folder(root, split=test_split, classes=train.classes)
-    side, width = image_sizes(train, test).check(one_size=True).shape  # held in memory: of one size
+    # train/ and test/ (or val/), checked together by the size rule: held in memory, of one size (`pipelines.resolve`)
+    data = resolve(config.data_spec, use="semi", cache_dir=config.cache_dir, dataset=config.dataset)
+    train, test, test_split = data.train, data.test, data.test_split
+    side, width = data.sizes.shape
     if side != width:
-        raise DataError(f"{root}: fastse semi needs square images (they are {side}x{width} px)")
+        raise DataError(f"{data.root}: fastse semi needs square images (they are {side}x{width} px)")
     if len(train) < config.unlabeled_batch:
         raise DataError(f"labeled_batch={config.labeled_batch} x mu={config.mu} unlabeled images a step, but "
                         f"{train.root} has only {len(train)} images")
     split = load_split(saved_split, train.files) if saved_split else choose_labeled(train, config)
 
-    mean, std = dataset_stats(config.dataset or root, cache_dir=config.cache_dir)
-    strong = fixmatch(side).with_stats(mean, std)
+    mean, std = data.stats
+    strong = fixmatch(data.size).with_stats(mean, std)
     weak = dataclasses.replace(strong, name="fixmatch-weak", views=strong.views[:1])
     images, labels = (torch.from_numpy(a) for a in load_uint8(train, cache_dir=config.cache_dir))
     images, labels = images.permute(0, 3, 1, 2).contiguous().to(env.device), labels.to(env.device)
@@ -128,13 +113,6 @@ def choose_labeled(train: ImageFolderIndex, config: SemiConfig) -> np.ndarray:
         raise DataError(f"num_labels={n} takes {n // k} images of each class, but class "
                         f"{train.classes[counts.argmin()]!r} of {train.root} has {counts.min()}")
     return labeled_split(train.labels, n, config.seed if config.split_seed is None else config.split_seed)
-
-
-def normalize(images: Tensor, mean, std, dtype: torch.dtype, channels_last: bool) -> Tensor:
-    """uint8 [N, 3, H, W] -> (x / 255 - mean) / std in `dtype` (channels_last memory when asked)."""
-    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (mean, std))
-    x = ((images.float() / 255 - mean) / std).to(dtype)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _labeled_seed(seed: int) -> int:

@@ -18,7 +18,7 @@ or touches a GPU; the data is checked before any model is built (on resume: the 
 split seed as the checkpoint's); a non-finite loss stops the run at the next log line or checkpoint, and
 no checkpoint is written unless the losses so far and the state to save are finite and the ranks'
 teachers agree, so the newest checkpoint is always a good one; a rank that raises ends all ranks
-(`distributed.abort`).
+(`launch.abort`).
 """
 
 from __future__ import annotations
@@ -33,27 +33,27 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastse import checkpoints as ckpt
-from fastse.engine import distributed as ddp
+from fastse import distributed as ddp
 from fastse.engine import progress, runs
 from fastse.engine.base import RunTrainer
-from fastse.engine.logging import RunLog, wandb_options
+from fastse.engine.logging import RunLog, teacher_stats, wandb_options
 from fastse.engine.optim import set_lr
 from fastse.engine.runs import TrainingError
 from fastse.models import WideResNet
 from fastse.pipelines.datasets import SPLIT_FILE, save_split
+from fastse.results import MEDIAN_OF  # evaluations in the reported median
 from fastse.semi.config import SemiConfig
 from fastse.semi.data import Batch, SemiData, build_data
 from fastse.semi.fixmatch import STATS, FixMatch, build_optimizer, fixmatch_loss, fixmatch_lr
 from fastse.smoothing import Smoother
 
-MEDIAN_OF = 20  # evaluations in the reported median
 # fields that may change between a run and its resumption without changing what is trained
 _RESUMABLE = frozenset({"max_steps", "time_limit", "out", "wandb", "wandb_project", "wandb_entity", "wandb_group",
                         "wandb_tags", "wandb_name", "log_every", "eval_every",
                         "ckpt_every", "keep_ckpts", "device", "cache_dir", "compile", "compile_mode", "data",
                         "monitor"})
 # fields a resumed run must share with its checkpoint: the model, labeled split and teacher rule it holds
-_FIXED = ("depth", "widen", "num_labels", "smoothing", "keep_prob", "granularity", "buffers")
+_FIXED = ("depth", "widen", "num_labels", "rule", "keep_prob", "granularity", "buffers")
 
 __all__ = ["SemiTrainer", "train", "TrainingError", "checkpoint_bytes"]
 
@@ -104,7 +104,7 @@ class SemiTrainer(RunTrainer):
                               teacher_targets=c.teacher_targets).train()
         self.optimizer = build_optimizer(student, lr=c.lr, momentum=c.sgd_momentum, weight_decay=c.weight_decay,
                                          fused=True if self.cuda else None)
-        self.smoother = Smoother(student, self.model.teacher, rule=c.smoothing, keep_prob=c.keep_prob,
+        self.smoother = Smoother(student, self.model.teacher, rule=c.rule, keep_prob=c.keep_prob,
                                  momentum=c.momentum, granularity=c.granularity, buffers=c.buffers, seed=c.seed)
         self.step, self.evals = 0, []
         if start is not None:
@@ -131,7 +131,7 @@ class SemiTrainer(RunTrainer):
     def fit(self) -> dict[str, Any]:
         c, env = self.config, self.env
         resumed = f" | resumed at step {self.step}" if self.step else ""
-        self.print(f"semi fixmatch+{c.smoothing} WRN-{c.depth}-{c.widen} | {self.data.summary} | {env.world_size} "
+        self.print(f"semi fixmatch+{c.rule} WRN-{c.depth}-{c.widen} | {self.data.summary} | {env.world_size} "
                    f"process(es) on {env.device} | batch {c.labeled_batch} labeled + {c.unlabeled_batch} unlabeled "
                    f"| {self.stop_step} of {c.total_steps} steps{resumed}")
         result: dict[str, Any] = {"run_dir": str(self.out)}
@@ -215,7 +215,7 @@ class SemiTrainer(RunTrainer):
         rate = steps / elapsed if elapsed > 0 and steps else 0.0
         correct = values.pop("correct")
         m = {"step": self.step, **values, "pseudo_acc": correct / values["mask"] if values["mask"] else 0.0,
-             "lr": fixmatch_lr(self.step - 1, c.total_steps, c.lr), **_teacher_stats(self.smoother),
+             "lr": fixmatch_lr(self.step - 1, c.total_steps, c.lr), **teacher_stats(self.smoother, momentum=True),
              "steps_per_s": rate, "img_per_s": rate * (c.labeled_batch + c.unlabeled_batch)}
         if rate:
             m["eta_s"] = (self.stop_step - self.step) / rate
@@ -256,7 +256,7 @@ class SemiTrainer(RunTrainer):
         if checksum := self._teachers_bit_identical(self.model.teacher):
             r.update(teacher_checksum=checksum, teacher_bit_identical=True)
         self.log.log({**r, "final": True})
-        self.print(f"final at step {self.step}: teacher ({self.config.smoothing}) top-1 {r['teacher_acc']:.2f}% "
+        self.print(f"final at step {self.step}: teacher ({self.config.rule}) top-1 {r['teacher_acc']:.2f}% "
                    f"(median of the last {len(last)} evaluations {r['teacher_acc_median']:.2f}%), student "
                    f"{r['student_acc']:.2f}% (median {r['student_acc_median']:.2f}%)")
         return r
@@ -287,19 +287,12 @@ def checkpoint_bytes(config: SemiConfig) -> int:
     of every parameter. Counted on the meta device: no memory, no GPU."""
     with torch.device("meta"):
         student = WideResNet(100, config.depth, config.widen)
-    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
-    return 2 * size(student.state_dict().values()) + size(student.parameters())
-
+    return runs.checkpoint_size([*student.state_dict().values()] * 2, student.parameters())
 
 
 def _split_seed(config: dict[str, Any]) -> int:
     """The seed that draws the labeled split of a run of `config` (a `SemiConfig.to_dict()`)."""
     return config["seed"] if config.get("split_seed") is None else config["split_seed"]
-
-
-def _teacher_stats(smoother: Smoother) -> dict[str, float]:
-    s = smoother.stats(distance=True)
-    return {k: s[k] for k in ("momentum", "updated_fraction", "distance") if k in s}
 
 
 def _progress_line(m: dict[str, Any], total_steps: int) -> str:
@@ -310,6 +303,5 @@ def _progress_line(m: dict[str, Any], total_steps: int) -> str:
         parts.append(f"upd {m['updated_fraction']:.2f}")
     parts += [f"dist {m['distance']:.4f}", f"{m['steps_per_s']:.1f} steps/s"]
     if "eta_s" in m:
-        s = int(m["eta_s"])
-        parts.append(f"eta {s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"eta {s // 60}m{s % 60:02d}s")
+        parts.append(f"eta {progress.duration(m['eta_s'])}")
     return " | ".join(parts)
