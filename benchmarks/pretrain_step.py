@@ -52,8 +52,8 @@ if find_spec("fastse") is None or find_spec("fastse.pipelines") is None:  # the 
     sys.exit("fastse is not installed: pip install -e . first (in the checkout; make setup does it)")
 from steptime import profile, timed  # noqa: E402  (benchmarks/steptime.py)
 
-from fastse.config import COMPILE_MODES, PRESETS, preset  # noqa: E402
-from fastse.engine.trainer import Trainer  # noqa: E402
+from fastse.pretrain.config import COMPILE_MODES, PRESETS, preset  # noqa: E402
+from fastse.pretrain.trainer import Trainer  # noqa: E402
 
 VARIANT_KEYS = {"hw": float, "threads": int, "decode": str, "decoder": str, "dali_priority": int, "step": str}
 

@@ -4,7 +4,7 @@ module, teacher rule (`Smoother`, torch kernel) and kNN, to compare with `fastse
 augmentation, bf16 and compiled step at the same settings.
 
     python benchmarks/reference_byol.py --data <CIFAR-10 JPEG tree> --epochs 20 --knn-every 5
-    python -c "from fastse.config import preset; from fastse.engine.trainer import train; train(preset( \
+    python -c "from fastse.pretrain.config import preset; from fastse.pretrain.trainer import train; train(preset( \
       'byol-cifar10', data='<tree>', epochs=20, knn_every=5, knn_student=True, smoothing='ema', momentum=0.996, \
       proj_hidden_dim=1024, pred_hidden_dim=1024, wandb='disabled'))"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 from fastse.cli.training import engine_options, run_training
 
-# the lists fastse.config checks (fastse.choices: no torch import for `fastse --help`)
+# the lists fastse.pretrain.config checks (fastse.choices: no torch import for `fastse --help`)
 from fastse.choices import (
     ARCHS,
     AUGMENTATIONS,
@@ -91,9 +91,9 @@ def _choice(name: str) -> click.Choice:
 @engine_options
 def pretrain(preset: str | None, resume: bool, **flags) -> None:
     """Self-supervised pretraining (BYOL or MoCo v2) with an EMA / SE / STS teacher."""
-    from fastse.config import PretrainConfig
-    from fastse.config import preset as get_preset
-    from fastse.engine.trainer import Trainer
+    from fastse.pretrain.config import PretrainConfig
+    from fastse.pretrain.config import preset as get_preset
+    from fastse.pretrain.trainer import Trainer
 
     def make_config(given, file_preset=None):
         name = preset or file_preset

@@ -59,8 +59,8 @@ def run_training(make_config: Callable[[dict[str, Any], str | None], Any], make_
     the flags given over them, `make_config(given, preset named by the file)`, and the trainer from it
     (errors: exit 2); with `--print-config` print the config and return. Train (a stop: exit 1; stopped
     early with a checkpoint: exit 3) and echo the `report` entries of the result on the main process."""
-    from fastse.config import config_toml, read_config_file
     from fastse.engine.runs import TrainingError
+    from fastse.settings import config_toml, read_config_file
 
     flags = dict(flags)
     config_file, print_config = flags.pop("config_file", None), flags.pop("print_config", False)

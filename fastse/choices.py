@@ -1,6 +1,6 @@
 """Every list of choices of fastse, in one place: the values a setting, a flag or an argument may take.
 
-The configs (`fastse.config`, `fastse.semi.config`), the library modules that check an argument and the
+The configs (`fastse.pretrain.config`, `fastse.semi.config`), the library modules that check an argument and the
 command line (`click.Choice`) all read these tuples, so a choice added here is known everywhere at once.
 This module imports nothing (not even the standard library): `fastse --help` and the configs read it
 without importing torch.
@@ -23,7 +23,7 @@ DTYPES: tuple[str, ...] = ("bf16", "fp32")  # autocast dtype on CUDA
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch's
 WANDB_MODES: tuple[str, ...] = ("auto", "online", "offline", "disabled")
 
-# --------------------------------------------------------------------- pretraining (fastse.config)
+# ------------------------------------------------------------- pretraining (fastse.pretrain.config)
 METHODS: tuple[str, ...] = ("byol", "mocov2")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "lars")
 MOMENTUM_SCHEDULES: tuple[str, ...] = ("cosine", "constant")

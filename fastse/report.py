@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from fastse.choices import METHODS
-from fastse.config import renamed
 from fastse.results import MEDIAN_OF, headlines, is_headline, qualifiers, read_results
+from fastse.settings import renamed
 
 TEACHER = ("rule", "keep_prob", "granularity")
 # settings that do not change what is trained or measured: runs differing only in these (and the seed) are seeds
@@ -197,7 +197,7 @@ def _json(path: Path) -> Any:
 
 def _config(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """(config, starts) from run.json, else the config of the newest checkpoint that has its meta.json; the
-    settings of a config saved before a rename under their new names (`fastse.config.RENAMED`)."""
+    settings of a config saved before a rename under their new names (`fastse.settings.RENAMED`)."""
     info = _json(path / "run.json")
     if isinstance(info, dict) and isinstance(info.get("config"), dict):
         return _renamed(path, info["config"]), list(info.get("starts") or [])

@@ -1,4 +1,4 @@
-"""The data of a run, decided in one place for pretraining (`engine.trainer`), evaluation (`eval.linear`'s
+"""The data of a run, decided in one place for pretraining (`pretrain.data`), evaluation (`eval.linear`'s
 `eval_data`: linear evaluation and kNN) and FixMatch (`semi.data`).
 
 `resolve(spec, use=...)` finds the data (`datasets.resolve_data`: a class-folder tree, an archive of one,

@@ -56,8 +56,8 @@ def tiny_cifar(cifar_subset) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tiny_cifar, tmp_path_factory) -> Path:
     """The folder of a fresh 4-step BYOL+STS run on CPU (ResNet-18, narrow heads, 16 px), one per test module."""
-    from fastse.config import preset
-    from fastse.engine.trainer import train
+    from fastse.pretrain.config import preset
+    from fastse.pretrain.trainer import train
 
     out = tmp_path_factory.mktemp("pretrain") / "run"
     train(preset("byol-cifar10", data=str(tiny_cifar), image_size=16, batch_size=20, epochs=1, max_steps=4,

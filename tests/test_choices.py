@@ -15,9 +15,10 @@ from click.testing import CliRunner
 from fastse.cli.main import main
 
 from fastse import choices
-from fastse.config import PretrainConfig, preset, read_config_file
+from fastse.pretrain.config import PretrainConfig, preset
 from fastse.semi.config import SemiConfig
 from fastse.semi.config import preset as semi_preset
+from fastse.settings import read_config_file
 
 # ------------------------------------------------------------------------------------------ the lists
 
@@ -34,9 +35,10 @@ def test_every_list_is_the_one_of_fastse_choices():
     from fastse.cli import evaluate, pretrain, semi, training
     from fastse.pipelines import loader, recipes
 
-    from fastse import config, smoothing
+    from fastse import smoothing
     from fastse.eval import linear, load
     from fastse.models import resnet
+    from fastse.pretrain import config
     from fastse.semi import config as semi_config
 
     assert config.RULES is smoothing.RULES is pretrain.CHOICES["rule"] is semi.CHOICES["rule"] is choices.RULES
@@ -130,8 +132,8 @@ def _as_before_the_rename(folder: Path) -> None:
 def test_a_run_folder_written_before_the_rename(tiny_run, tiny_cifar, tmp_path):
     """read back as `rule` by --config, --resume, fastse report and the evaluations' loading."""
     from fastse.engine.runs import changed_fields, find_checkpoint
-    from fastse.engine.trainer import _FIXED, _RESUMABLE
     from fastse.eval.load import load_backbone_for_eval
+    from fastse.pretrain.trainer import _FIXED, _RESUMABLE
     from fastse.report import build_tables, load_run, teacher_label
 
     old = tmp_path / "old"

@@ -36,10 +36,10 @@ from fastse.cli.main import main
 
 from fastse import checkpoints as ckpt
 from fastse.checkpoints import CheckpointError, check_run_dir, latest_checkpoint, load_checkpoint
-from fastse.config import PretrainConfig
 from fastse.engine import launch as ddp
-from fastse.engine import trainer as trainer_module
-from fastse.engine.trainer import Trainer, TrainingError
+from fastse.pretrain import trainer as trainer_module
+from fastse.pretrain.config import PretrainConfig
+from fastse.pretrain.trainer import Trainer, TrainingError
 from fastse.semi import trainer as semi_module
 from fastse.semi.config import SemiConfig
 from fastse.semi.trainer import SemiTrainer
@@ -575,8 +575,8 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_last_one(data, tmp_path, 
 _RANK = """
 import json, sys, time, torch
 import fastse.pipelines.datasets as datasets
-from fastse.config import PretrainConfig
-from fastse.engine.trainer import Trainer
+from fastse.pretrain.config import PretrainConfig
+from fastse.pretrain.trainer import Trainer
 config, fault = PretrainConfig(**json.loads(sys.argv[1])), json.loads(sys.argv[2])
 scan = datasets.scan_image_folder
 def timed_scan(*args, **kwargs):  # when the data check fails

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from fastse.cli import pretrain as cli
 from fastse.cli.main import main
 
-from fastse import config as cfg
 from fastse.checkpoints import latest_checkpoint, load_checkpoint
-from fastse.config import PRESETS, PretrainConfig, preset
+from fastse.pretrain import config as cfg
+from fastse.pretrain.config import PRESETS, PretrainConfig, preset
 
 
 def test_method_defaults_come_from_the_paper():

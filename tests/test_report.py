@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from fastse.cli.main import main
 from PIL import Image
 
-from fastse.config import preset
 from fastse.engine.logging import RunLog
+from fastse.pretrain.config import preset
 from fastse.report import ReportError, build_tables, load_run, markdown, write_report
 from fastse.results import add_result
 from fastse.semi.config import preset as semi_preset

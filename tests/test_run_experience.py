@@ -16,9 +16,10 @@ from fastse.cli import pretrain as cli
 from fastse.cli.main import main
 
 from fastse import checkpoints as ckpt
-from fastse.config import MONITORS, PretrainConfig, config_toml, read_config_file
-from fastse.engine.trainer import Trainer
 from fastse.models.export import load_backbone
+from fastse.pretrain.config import MONITORS, PretrainConfig
+from fastse.pretrain.trainer import Trainer
+from fastse.settings import config_toml, read_config_file
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def probe_run(data, tmp_path_factory) -> Path:
 def test_views_preview_is_the_pipelines_first_batch(probe_run):
     from fastse.engine import launch as ddp
     from fastse.engine.preview import read_png, view_grid
-    from fastse.engine.trainer import _build_data
+    from fastse.pretrain.data import build_data as _build_data
 
     picture = read_png(probe_run / "views.png")
     config = PretrainConfig(**json.loads((probe_run / "run.json").read_text())["config"])

@@ -139,7 +139,7 @@ def test_presets_and_cli_choices():
         assert (c.labeled_batch, c.mu, c.threshold, c.lambda_u, c.lr, c.total_steps) == (64, 7, 0.95, 1.0, 0.03, 2**20)
         assert (c.smoothing, c.keep_prob, c.momentum, c.teacher_targets) == ("sts", 0.5, 0.999, False)
         c.validate(world_size=8)
-    from fastse.config import COMPILE_MODES
+    from fastse.pretrain.config import COMPILE_MODES
     from fastse.smoothing import GRANULARITIES, RULES
 
     library = {"dataset": cfg.DATASETS, "rule": RULES, "granularity": GRANULARITIES, "buffers": cfg.BUFFER_MODES,

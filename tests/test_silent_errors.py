@@ -23,9 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fastse.checkpoints import CheckpointError, latest_checkpoint
-from fastse.config import PretrainConfig
 from fastse.models import resnet_backbone
 from fastse.models.export import export_backbone, load_backbone
+from fastse.pretrain.config import PretrainConfig
 from fastse.report import build_tables, load_run, markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_a_damaged_backbone_is_refused_and_one_without_a_checksum_loads_with_a_w
 
 def test_resume_refuses_other_images_says_when_they_moved_and_goes_on_from_an_old_checkpoint(
         tiny_run, tiny_cifar, cifar10_dir, tmp_path, capsys):
-    from fastse.engine.trainer import Trainer
+    from fastse.pretrain.trainer import Trainer
 
     meta_file = latest_checkpoint(tiny_run) / "meta.json"
     config = PretrainConfig(**json.loads(meta_file.read_text())["config"]).replace(max_steps=5)
@@ -251,7 +251,7 @@ def test_the_size_rule_follows_the_median_says_what_it_chose_and_reports_outlier
     from fastse.pipelines.sizes import image_sizes
 
     from fastse.engine import launch as ddp
-    from fastse.engine.trainer import _build_data
+    from fastse.pretrain.data import build_data as _build_data
 
     def index(sides: list[tuple[int, int]]) -> ImageFolderIndex:
         n = len(sides)

@@ -18,10 +18,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastse.checkpoints import latest_checkpoint, load_checkpoint
-from fastse.config import PretrainConfig
 from fastse.engine.logging import RunLog, wandb_mode
 from fastse.engine.optim import LARS, build_optimizer, lr_at
-from fastse.engine.trainer import Trainer, TrainingError, train
+from fastse.pretrain.config import PretrainConfig
+from fastse.pretrain.trainer import Trainer, TrainingError, train
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 8, 4  # 80 train images: 10 steps an epoch at batch 8
 

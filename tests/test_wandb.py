@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 from fastse.cli.main import main
 
-from fastse.config import PretrainConfig
 from fastse.engine.logging import WANDB_RUN, RunLog, read_wandb_run, wandb_options
+from fastse.pretrain.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

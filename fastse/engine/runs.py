@@ -1,4 +1,4 @@
-"""What both training loops (`engine.trainer`, `semi.trainer`) do with a run and its folder, so that they
+"""What both training loops (`pretrain.trainer`, `semi.trainer`) do with a run and its folder, so that they
 start, stop and save alike.
 
 Before joining the process group or touching a GPU, every rank runs `preflight`: the settings, a
@@ -26,10 +26,10 @@ from torch import Tensor, nn
 
 from fastse import checkpoints as ckpt
 from fastse import distributed as ddp
-from fastse.config import renamed
 from fastse.engine import launch
 from fastse.models.export import export_backbone
 from fastse.runlock import RunLock
+from fastse.settings import renamed
 
 T = TypeVar("T")
 FINGERPRINT_FILES = 64  # files whose byte sizes the data fingerprint takes in (`data_record`)

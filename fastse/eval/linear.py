@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastse import distributed as ddp
-from fastse.config import require_finite
 from fastse.engine.amp import autocast
 from fastse.engine.optim import lr_at, set_lr
 from fastse.pipelines.datasets import ImageFolderIndex
 from fastse.pipelines.loader import consumer_stream
 from fastse.pipelines.recipes import Op, Recipe, View, get_recipe
 from fastse.pipelines.resolve import resolve
+from fastse.settings import require_finite
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ from torch import Tensor, nn
 
 from fastse.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
 from fastse.choices import ARCHS, WHICH
+from fastse.methods import build_method
 from fastse.models.export import BACKBONE_FORMAT, load_backbone, resnet_arch
 from fastse.models.resnet import resnet_backbone
+from fastse.settings import renamed
 
 _PREFIXES = ("module.", "backbone.", "_orig_mod.")  # DDP, fastse/lightly-style wrappers, torch.compile
 
@@ -50,9 +52,6 @@ def load_backbone_for_eval(
 
 
 def _from_run(run: Path, which: str, arch: str | None) -> nn.Module:
-    from fastse.config import PretrainConfig, renamed
-    from fastse.methods import build_method
-
     latest = latest_checkpoint(run)
     if latest is None:
         if which == "teacher" and (run / "backbone.safetensors").is_file():
@@ -63,12 +62,15 @@ def _from_run(run: Path, which: str, arch: str | None) -> nn.Module:
                               + ("and no backbone.safetensors" if which == "teacher" else "to take the student from"))
     groups, meta = load_checkpoint(latest)
     try:
-        config = PretrainConfig(**renamed(meta["config"]))  # a config saved before a rename: the new names
+        settings = renamed(dict(meta["config"]))  # a config saved before a rename: the new names
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{latest}: the saved config cannot be read ({e})") from None
-    if arch is not None and arch != config.arch:
-        raise CheckpointError(f"{latest}: --arch {arch} does not match the run's architecture {config.arch}")
-    method = build_method(config)
+    if arch is not None and arch != settings.get("arch"):
+        raise CheckpointError(f"{latest}: --arch {arch} does not match the run's architecture {settings.get('arch')}")
+    try:
+        method = build_method(settings)  # the run's networks, built as its trainer built them
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{latest}: the saved config cannot be read ({e})") from None
     try:
         method.student.load_state_dict(groups["student"])
         method.teacher.load_state_dict(groups["teacher"])

@@ -9,7 +9,8 @@ plain, so checkpoints and the teacher update see the same parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -84,20 +85,38 @@ class Method(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
 
 
-def build_method(config) -> Method:
-    """The method of a `PretrainConfig` with a fresh ResNet backbone (SyncBN if `config.syncbn`)."""
+# what `build_method` reads of a run's settings (every other key is ignored)
+METHOD_SETTINGS = ("method", "arch", "cifar_stem", "proj_hidden_dim", "proj_dim", "pred_hidden_dim", "queue_size",
+                   "temperature", "syncbn")
+
+
+def build_method(settings: Mapping[str, Any] | None = None, /, **overrides: Any) -> Method:
+    """The method of a run's settings with a fresh ResNet backbone: `settings` (a plain mapping, e.g.
+    `PretrainConfig.to_dict()` or a run folder's saved config, resolved: no None head sizes) updated by
+    `overrides`. Reads METHOD_SETTINGS: method (byol | mocov2), arch, cifar_stem (default False), proj_hidden_dim,
+    proj_dim, BYOL's pred_hidden_dim, MoCo's queue_size and temperature, syncbn (SyncBatchNorm, default False);
+    other keys are ignored. ValueError names a missing or unset setting. The one place a method's networks are
+    built: the pretraining trainer and `eval.load` (a run folder's model) both call it."""
     from fastse.methods.byol import BYOL
     from fastse.methods.moco import MoCoV2
     from fastse.models import resnet_backbone
 
-    backbone = resnet_backbone(config.arch, cifar_stem=config.cifar_stem)
-    if config.method == "byol":
-        return BYOL(backbone, proj_hidden_dim=config.proj_hidden_dim, proj_dim=config.proj_dim,
-                    pred_hidden_dim=config.pred_hidden_dim, syncbn=config.syncbn)
-    if config.method == "mocov2":
-        return MoCoV2(backbone, hidden_dim=config.proj_hidden_dim, dim=config.proj_dim,
-                      queue_size=config.queue_size, temperature=config.temperature, syncbn=config.syncbn)
-    raise ValueError(f"unknown method {config.method!r}; known: byol, mocov2")
+    s = {**(settings or {}), **overrides}
+    method = s.get("method")
+    needs = {"byol": ("arch", "proj_hidden_dim", "proj_dim", "pred_hidden_dim"),
+             "mocov2": ("arch", "proj_hidden_dim", "proj_dim", "queue_size", "temperature")}
+    if method not in needs:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(needs)}")
+    missing = [k for k in needs[method] if s.get(k) is None]
+    if missing:
+        raise ValueError(f"method={method} needs {', '.join(missing)} (not given)")
+    syncbn = bool(s.get("syncbn", False))
+    backbone = resnet_backbone(s["arch"], cifar_stem=bool(s.get("cifar_stem", False)))
+    if method == "byol":
+        return BYOL(backbone, proj_hidden_dim=s["proj_hidden_dim"], proj_dim=s["proj_dim"],
+                    pred_hidden_dim=s["pred_hidden_dim"], syncbn=syncbn)
+    return MoCoV2(backbone, hidden_dim=s["proj_hidden_dim"], dim=s["proj_dim"], queue_size=s["queue_size"],
+                  temperature=s["temperature"], syncbn=syncbn)
 
 
-__all__ = ["Method", "Encoder", "build_method"]
+__all__ = ["Method", "Encoder", "build_method", "METHOD_SETTINGS"]

@@ -16,7 +16,7 @@ from fastse.choices import COMPILE_MODES, DTYPES, GRANULARITIES, RULES, WANDB_MO
 from fastse.choices import SEMI_BUFFER_MODES as BUFFER_MODES  # the teacher's BN statistics come from the student
 from fastse.choices import SEMI_DATASETS as DATASETS
 from fastse.choices import SEMI_MONITORS as MONITORS  # what the best/ checkpoint is chosen by (test top-1, %)
-from fastse.config import renamed, require_finite
+from fastse.settings import renamed, require_finite
 from fastse.wandb_settings import check_wandb_settings
 
 
@@ -48,7 +48,7 @@ class SemiConfig:
     weight_decay: float = 5e-4          # not on BatchNorm parameters and biases
     sgd_momentum: float = 0.9           # Nesterov
     # smoothed model (teacher)
-    rule: str = "sts"                   # ema | se | sts (called smoothing before: fastse.config.RENAMED)
+    rule: str = "sts"                   # ema | se | sts (called smoothing before: fastse.settings.RENAMED)
     keep_prob: float = 0.5              # P(keep a teacher fragment), se/sts
     momentum: float = 0.999
     granularity: str = "tensor"         # tensor | channel | element
@@ -90,7 +90,7 @@ class SemiConfig:
         return self.rule
 
     def replace(self, **changes: Any) -> SemiConfig:
-        """A copy with `changes` (old names of fastse.config.RENAMED taken as the new ones)."""
+        """A copy with `changes` (old names of fastse.settings.RENAMED taken as the new ones)."""
         return dataclasses.replace(self, **renamed(changes))
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ statistics, only every `log_every` steps. Every `ckpt_every` epochs and at the e
 checkpoint (student, teacher, optimizer, queue, RNG, smoother); `resume=True` continues from the
 newest one exactly where it stopped (bit-identically on CPU with `deterministic`). At the end the
 teacher's backbone is exported to `backbone.safetensors` and measured by the kNN monitor. Beside the step:
-the first batch's views go to `views.png` (`engine.preview`); the online probe (`engine.probe`) trains on
+the first batch's views go to `views.png` (`engine.preview`); the online probe (`pretrain.probe`) trains on
 the teacher features the step computed and is measured at every kNN check; the check's `monitor` metric,
 where it is the best so far, makes that step the run's `best/` checkpoint.
 
@@ -38,15 +38,16 @@ from torch import Tensor
 
 from fastse import checkpoints as ckpt
 from fastse import distributed as ddp
-from fastse.config import PretrainConfig
 from fastse.engine import progress, runs
 from fastse.engine.base import RunTrainer
 from fastse.engine.logging import RunLog, progress_line, teacher_stats, wandb_options
 from fastse.engine.optim import build_optimizer, lr_at, set_lr
-from fastse.engine.probe import GROUP, OnlineProbe
 from fastse.engine.runs import LossMeter, TrainingError
 from fastse.methods import Method, build_method
 from fastse.models.export import export_backbone
+from fastse.pretrain.config import PretrainConfig
+from fastse.pretrain.data import build_data
+from fastse.pretrain.probe import GROUP, OnlineProbe
 from fastse.smoothing import Smoother, cosine_momentum
 
 # fields that may change between a run and its resumption without changing what is trained
@@ -85,7 +86,7 @@ class Trainer(RunTrainer):
         data = None
         for first in (True, False):  # local rank 0 downloads, decodes and caches first; the others reuse it
             if (env.local_rank == 0) == first:
-                data = _build_data(config, env, self.amp_dtype or torch.float32)
+                data = build_data(config, env, self.amp_dtype or torch.float32)
             ddp.barrier()
         self.train_loader, self.eval_loaders, self.data_info, self.data_record = data
         if start is not None:  # the same images as the checkpoint's (or refused), before any model
@@ -96,7 +97,7 @@ class Trainer(RunTrainer):
         self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
 
         runs.seed_all(config.seed)
-        method = build_method(config)
+        method = build_method(config.to_dict())
         method.to(env.device)
         if config.channels_last:
             method.to(memory_format=torch.channels_last)
@@ -287,7 +288,7 @@ class Trainer(RunTrainer):
                             k=self.config.knn_k, temperature=self.config.knn_temperature)
 
     def _build_probe(self) -> OnlineProbe | None:
-        """The online probe (`engine.probe`) on rank 0, None elsewhere or where it is off: asked off, or no
+        """The online probe (`pretrain.probe`) on rank 0, None elsewhere or where it is off: asked off, or no
         labels (fewer than 2 classes) or no test split to measure it on. Where it is on, every rank's method
         keeps the teacher's features (MoCo's shuffle-BN needs every rank to gather the labels)."""
         c, classes = self.config, int(self.data_record.get("classes", 0))
@@ -363,47 +364,6 @@ def checkpoint_bytes(config: PretrainConfig) -> int:
     state (student, teacher, queue), one optimizer buffer per trained parameter (SGD and LARS
     momentum) and the teacher's backbone. Counted on the meta device: no memory, no GPU."""
     with torch.device("meta"):
-        method = build_method(config)
+        method = build_method(config.to_dict())
     trained = [p for p in method.student.parameters() if p.requires_grad]
     return runs.checkpoint_size(method.state_dict().values(), trained, method.backbone.state_dict().values())
-
-
-def _build_data(config: PretrainConfig, env: ddp.Dist, dtype: torch.dtype):
-    """(train loader of this rank, rank 0's kNN loaders ((loader, n), (loader, n)) or None, a summary, the
-    training images' `runs.data_record`). The data, its splits, the size rule's size, mean/std and the --limit
-    subsets are `pipelines.resolve`'s; the test split is scanned only where the kNN monitor reads it (rank 0)."""
-    from fastse.pipelines.datasets import DataError
-    from fastse.pipelines.loader import build_loader
-    from fastse.pipelines.recipes import get_recipe
-    from fastse.pipelines.resolve import resolve
-
-    data = resolve(config.data_spec, use="pretrain", cache_dir=config.cache_dir, dataset=config.dataset,
-                   image_size=config.image_size, limit=config.limit)
-    train, size, sizes, stats = data.train, data.size, data.sizes, data.stats
-    common = dict(device=env.device, backend=config.loader, dtype=dtype, channels_last=config.channels_last,
-                  cache_dir=config.cache_dir)
-    n_train = data.num("train")
-    if n_train < config.batch_size:
-        limited = f" (limit={config.limit})" if data.train_idx is not None else ""
-        raise DataError(f"batch_size={config.batch_size} is more than the {n_train} training images{limited} of "
-                        f"{train.root}")
-    loader = build_loader(get_recipe(config.augmentation or config.method, size).with_stats(*stats), train,
-                          batch_size=config.batch_size // env.world_size, seed=config.seed, rank=env.rank,
-                          world_size=env.world_size, indices=data.train_idx, drop_last=True, **common)
-    summary = f"{n_train} images of {data.root} at {size} px ({sizes.verdict}), {type(loader).__name__}"
-    record = {**runs.data_record(train), "classes": len(train.classes)}  # classes: the online probe's outputs
-    evals = None
-    if env.is_main and data.test_split is not None:
-        _ = data.test  # scanned and checked with the training images here, before any kNN loader
-        recipe = get_recipe("eval", sizes.default_size if sizes.small else size).with_stats(*stats)
-        evals = []
-        for split in ("train", "test"):
-            n = data.num(split)
-            evals.append((build_loader(recipe, data.index(split), batch_size=min(512, n), seed=0,
-                                       indices=data.indices(split), drop_last=False, **common), n))
-        summary += f"; kNN monitor on {evals[1][1]} {data.test_split} images"
-    elif env.is_main:
-        summary += "; no test/ or val/ split: no kNN monitor"
-    return loader, evals, summary, record
-
-
