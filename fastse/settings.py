@@ -18,6 +18,26 @@ __all__ = ["require_finite", "check_choice", "CONFIG_SUFFIXES", "LIST_FIELDS", "
            "read_config_file", "config_toml"]
 
 
+class RunSettings:
+    """What the configs of every run kind (`PretrainConfig`, `SemiConfig`) share beyond their fields:
+    `data_spec` and read-only old names of renamed fields. A plain base class: the dataclass fields stay
+    the subclasses' own."""
+
+    data: str | None
+    dataset: str | None
+    rule: str
+
+    @property
+    def data_spec(self) -> str:
+        """What `resolve_data` reads: `data`, else the dataset's name (cifar10/cifar100: a torchvision download)."""
+        return self.data or self.dataset or ""
+
+    @property
+    def smoothing(self) -> str:
+        """The old name of `rule` (read-only; `replace` and `preset` also take `smoothing=`)."""
+        return self.rule
+
+
 def require_finite(settings: Any) -> None:
     """Raise ValueError naming the first float field of the dataclass `settings` that is NaN or infinite
     (click's float flags take "nan" and "inf")."""

@@ -28,7 +28,7 @@ from fastse.choices import (  # the lists of choices, also importable from here
     RULES,
     WANDB_MODES,
 )
-from fastse.settings import check_choice, renamed, require_finite
+from fastse.settings import RunSettings, check_choice, renamed, require_finite
 from fastse.wandb_settings import check_wandb_settings
 
 # px: a larger crop is a typo (256 two-view crops at 4096 px are 96 GiB of fp32 input alone)
@@ -45,7 +45,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunSettings):
     """One self-supervised pretraining run (`fastse pretrain`). Units: epochs over the train split,
     `batch_size` images per step over all ranks, `lr` per 256 images, `*_every` in epochs except
     `log_every` (steps)."""
@@ -121,16 +121,6 @@ class PretrainConfig:
     def scaled_lr(self) -> float:
         """The peak learning rate: `lr` x batch_size / 256."""
         return self.lr * self.batch_size / 256
-
-    @property
-    def data_spec(self) -> str:
-        """What `resolve_data` reads: `data`, else the dataset's name (cifar10/cifar100 download)."""
-        return self.data or self.dataset or ""
-
-    @property
-    def smoothing(self) -> str:
-        """The old name of `rule` (read-only; `replace` and `preset` also take `smoothing=`)."""
-        return self.rule
 
     def replace(self, **changes: Any) -> PretrainConfig:
         """A copy with `changes` (old names of RENAMED taken as the new ones); a changed method re-fills the

@@ -16,12 +16,12 @@ from fastse.choices import COMPILE_MODES, DTYPES, GRANULARITIES, RULES, WANDB_MO
 from fastse.choices import SEMI_BUFFER_MODES as BUFFER_MODES  # the teacher's BN statistics come from the student
 from fastse.choices import SEMI_DATASETS as DATASETS
 from fastse.choices import SEMI_MONITORS as MONITORS  # what the best/ checkpoint is chosen by (test top-1, %)
-from fastse.settings import renamed, require_finite
+from fastse.settings import RunSettings, renamed, require_finite
 from fastse.wandb_settings import check_wandb_settings
 
 
 @dataclass
-class SemiConfig:
+class SemiConfig(RunSettings):
     """One FixMatch run (`fastse semi`). Units: steps; `labeled_batch` images a step over all ranks
     (and `mu` x as many unlabeled ones)."""
 
@@ -78,16 +78,6 @@ class SemiConfig:
     @property
     def unlabeled_batch(self) -> int:
         return self.labeled_batch * self.mu
-
-    @property
-    def data_spec(self) -> str:
-        """What `resolve_data` reads: `data`, else the dataset's name (torchvision download)."""
-        return self.data or self.dataset or ""
-
-    @property
-    def smoothing(self) -> str:
-        """The old name of `rule` (read-only; `replace` and `preset` also take `smoothing=`)."""
-        return self.rule
 
     def replace(self, **changes: Any) -> SemiConfig:
         """A copy with `changes` (old names of fastse.settings.RENAMED taken as the new ones)."""
