@@ -26,6 +26,7 @@ class RunSettings:
     data: str | None
     dataset: str | None
     rule: str
+    out: str
 
     @property
     def data_spec(self) -> str:
@@ -36,6 +37,15 @@ class RunSettings:
     def smoothing(self) -> str:
         """The old name of `rule` (read-only; `replace` and `preset` also take `smoothing=`)."""
         return self.rule
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check_run(self) -> None:
+        """What every run kind's `validate` checks first: finite numbers and a named run folder."""
+        require_finite(self)
+        if not str(self.out).strip():
+            raise ValueError("out='' names no folder: give the run folder")
 
 
 def require_finite(settings: Any) -> None:

@@ -28,7 +28,7 @@ from fastse.choices import (  # the lists of choices, also importable from here
     RULES,
     WANDB_MODES,
 )
-from fastse.settings import RunSettings, check_choice, renamed, require_finite
+from fastse.settings import RunSettings, check_choice, renamed
 from fastse.wandb_settings import check_wandb_settings
 
 # px: a larger crop is a typo (256 two-view crops at 4096 px are 96 GiB of fp32 input alone)
@@ -131,14 +131,9 @@ class PretrainConfig(RunSettings):
             changes = {**base, **changes}
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def validate(self, world_size: int = 1) -> PretrainConfig:
         """Raise ValueError with one clear line for an impossible setting; return self."""
-        require_finite(self)
-        if not str(self.out).strip():
-            raise ValueError("out='' names no folder: give the run folder")
+        self.check_run()
         check_choice("method", self.method, METHODS)
         check_choice("arch", self.arch, ARCHS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)

@@ -16,7 +16,7 @@ from fastse.choices import COMPILE_MODES, DTYPES, GRANULARITIES, RULES, WANDB_MO
 from fastse.choices import SEMI_BUFFER_MODES as BUFFER_MODES  # the teacher's BN statistics come from the student
 from fastse.choices import SEMI_DATASETS as DATASETS
 from fastse.choices import SEMI_MONITORS as MONITORS  # what the best/ checkpoint is chosen by (test top-1, %)
-from fastse.settings import RunSettings, renamed, require_finite
+from fastse.settings import RunSettings, renamed
 from fastse.wandb_settings import check_wandb_settings
 
 
@@ -83,14 +83,9 @@ class SemiConfig(RunSettings):
         """A copy with `changes` (old names of fastse.settings.RENAMED taken as the new ones)."""
         return dataclasses.replace(self, **renamed(changes))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def validate(self, world_size: int = 1) -> SemiConfig:
         """Raise ValueError with one clear line for an impossible setting; return self."""
-        require_finite(self)
-        if not str(self.out).strip():
-            raise ValueError("out='' names no folder: give the run folder")
+        self.check_run()
         for name, choices in (("rule", RULES), ("granularity", GRANULARITIES), ("buffers", BUFFER_MODES),
                               ("dtype", DTYPES), ("wandb", WANDB_MODES),
                               ("compile_mode", COMPILE_MODES), ("monitor", MONITORS)):
