@@ -11,30 +11,19 @@ import click
 from fastse.cli.training import engine_options, run_training
 
 # the lists fastse.pretrain.config checks (fastse.choices: no torch import for `fastse --help`)
-from fastse.choices import (
-    ARCHS,
-    AUGMENTATIONS,
-    DATASETS,
-    GRANULARITIES,
-    LOADERS,
-    METHODS,
-    MOMENTUM_SCHEDULES,
-    MONITORS,
-    OPTIMIZERS,
-    RULES,
-)
-from fastse.choices import PRETRAIN_PRESETS as PRESET_NAMES
+from fastse import choices
 
+PRESET_NAMES, MONITORS = choices.PRETRAIN_PRESETS, choices.MONITORS
 CHOICES = {  # config field -> the choices of its flag
-    "method": METHODS,
-    "arch": ARCHS,
-    "dataset": DATASETS,
-    "loader": LOADERS,
-    "augmentation": AUGMENTATIONS,
-    "optimizer": OPTIMIZERS,
-    "rule": RULES,
-    "granularity": GRANULARITIES,
-    "momentum_schedule": MOMENTUM_SCHEDULES,
+    "method": choices.METHODS,
+    "arch": choices.ARCHS,
+    "dataset": choices.DATASETS,
+    "loader": choices.LOADERS,
+    "augmentation": choices.AUGMENTATIONS,
+    "optimizer": choices.OPTIMIZERS,
+    "rule": choices.RULES,
+    "granularity": choices.GRANULARITIES,
+    "momentum_schedule": choices.MOMENTUM_SCHEDULES,
 }
 
 
