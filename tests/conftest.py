@@ -53,14 +53,37 @@ def tiny_cifar(cifar_subset) -> Path:
     return cifar_subset(10, 4)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_cifar, tmp_path_factory) -> Path:
-    """The folder of a fresh 4-step BYOL+STS run on CPU (ResNet-18, narrow heads, 16 px), one per test module."""
+@pytest.fixture(scope="session")
+def _tiny_run_once(cifar_subset, tmp_path_factory) -> Path:
+    """A 4-step BYOL+STS run on CPU (ResNet-18, narrow heads, 16 px) on `tiny_cifar`'s images, trained once a
+    session; never handed to a test (tests get copies: `tiny_run`)."""
     from fastse.pretrain.config import preset
     from fastse.pretrain.trainer import train
 
-    out = tmp_path_factory.mktemp("pretrain") / "run"
-    train(preset("byol-cifar10", data=str(tiny_cifar), image_size=16, batch_size=20, epochs=1, max_steps=4,
+    out = tmp_path_factory.mktemp("pretrain-once") / "run"
+    train(preset("byol-cifar10", data=str(cifar_subset(10, 4)), image_size=16, batch_size=20, epochs=1, max_steps=4,
                  proj_hidden_dim=64, proj_dim=32, pred_hidden_dim=64, knn_every=0, knn_k=10, log_every=2,
                  out=str(out), wandb="disabled", compile=False, device="cpu", cache_dir=str(out.parent / "cache")))
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(_tiny_run_once, tiny_cifar, tmp_path_factory) -> Path:
+    """The folder of a fresh 4-step BYOL+STS run on CPU (ResNet-18, narrow heads, 16 px) on `tiny_cifar`, one
+    per test module: a copy of the session's one run, the run folder and its cache beside it (tests may write
+    into both), whose recorded settings (run.json, each meta.json) name the copy's folders, as a run trained
+    there would."""
+    import json
+    import shutil
+
+    trained_on = json.loads((_tiny_run_once / "run.json").read_text())["config"]["data"]
+    assert trained_on == str(tiny_cifar), f"tiny_run is trained on {trained_on}, this module's tiny_cifar differs"
+    parent = tmp_path_factory.mktemp("pretrain")
+    shutil.copytree(_tiny_run_once.parent, parent, dirs_exist_ok=True)
+    run = parent / "run"
+    for path in [run / "run.json", *run.glob("**/meta.json")]:
+        text = path.read_text()
+        for name in ("run", "cache"):  # config "out" and "cache_dir"
+            text = text.replace(json.dumps(str(_tiny_run_once.parent / name)), json.dumps(str(parent / name)))
+        path.write_text(text)
+    return run
