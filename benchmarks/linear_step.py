@@ -3,7 +3,7 @@ training loader against the same step on a fixed batch already on the device, me
 
     python benchmarks/linear_step.py --data <ImageNet-layout tree> [--protocol byol] [--loader dali]
         [--steps 200 --rounds 3 --warmup 20] [--hw-decoder-load 0.9] [--decode shared|fused]
-        [--decoder cpu] [--threads N] [--stream default]
+        [--decoder cpu] [--cpu-share 0.3] [--threads N] [--stream default]
 
 A step is `eval.linear.train_head` over `eval.linear.frozen_features`, as `eval-linear` runs it: the
 backbone (ResNet-50, random weights: speed does not depend on them; eval mode, bf16 autocast,
@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--decoder", choices=("auto", "gpu", "cpu"), default="auto",
                     help="DALI: decode with nvJPEG, or on DALI's CPU threads and augment on the GPU "
                          "(auto: the loader's choice, nvJPEG for one view)")
+    ap.add_argument("--cpu-share", type=float, default=None,
+                    help="DALI: the share of each batch's JPEGs decoded on the CPU threads, the rest on nvJPEG")
     ap.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: by the decoder)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
@@ -75,7 +77,14 @@ def main() -> None:
     if args.decoder != "auto" and cuda:
         from fastse.pipelines.dali_backend import default_threads
 
-        loader.cpu_decode = args.decoder == "cpu"
+        loader.cpu_decode = float(args.decoder == "cpu")
+        loader.num_threads = default_threads(gpu=not loader.cpu_decode)
+    if args.cpu_share is not None and cuda:
+        from fastse.pipelines.dali_backend import default_threads
+
+        if not 0 <= args.cpu_share <= 1:
+            ap.error(f"--cpu-share {args.cpu_share} is outside [0, 1]")
+        loader.cpu_decode = args.cpu_share
         loader.num_threads = default_threads(gpu=not loader.cpu_decode)
     if args.threads:
         loader.num_threads = args.threads

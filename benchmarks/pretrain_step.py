@@ -25,7 +25,8 @@ epoch reshuffles); the table says how many epoch ends the timed real blocks cros
 With the DALI loader, each `--variant` (repeatable) times the same compiled step with the loader built
 again with other options: `hw=` share of JPEGs for the hardware decoder, `threads=` DALI CPU threads,
 `decode=shared|fused`, `decoder=gpu|cpu` (nvJPEG, or DALI's CPU threads with only the augmentation
-on the GPU), `dali_priority=` CUDA priority of DALI's streams, `step=default` to train on the default
+on the GPU), `cpu=` the share of each batch's JPEGs decoded on the CPU threads (the rest on nvJPEG),
+`dali_priority=` CUDA priority of DALI's streams, `step=default` to train on the default
 stream instead of the trainer's high-priority one. The first variant is the loader as the
 trainer builds it unless named otherwise.
 """
@@ -55,7 +56,8 @@ from steptime import profile, timed  # noqa: E402  (benchmarks/steptime.py)
 from fastse.pretrain.config import COMPILE_MODES, PRESETS, preset  # noqa: E402
 from fastse.pretrain.trainer import Trainer  # noqa: E402
 
-VARIANT_KEYS = {"hw": float, "threads": int, "decode": str, "decoder": str, "dali_priority": int, "step": str}
+VARIANT_KEYS = {"hw": float, "threads": int, "decode": str, "decoder": str, "cpu": float, "dali_priority": int,
+                "step": str}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -91,7 +93,8 @@ def variant_loader(loader, options: dict):
         num_threads=options.get("threads"), fused_decode=None if decode is None else decode == "fused",
         stream_priority=options.get("dali_priority", loader.stream_priority),
         hw_decoder_load=options.get("hw", loader.hw_decoder_load), sizes=loader.sizes,
-        cpu_decode=options.get("decoder", "cpu" if loader.cpu_decode else "gpu") == "cpu")
+        cpu_decode=options["cpu"] if "cpu" in options else
+        float(options["decoder"] == "cpu") if "decoder" in options else loader.cpu_decode)
 
 
 class Batches:

@@ -48,6 +48,7 @@ How each op is expressed (images stay uint8 HWC until the final `crop_mirror_nor
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -105,20 +106,33 @@ class _Graph:
     `value(key)` is that sample's scalar."""
 
     def __init__(self, recipe: Recipe, *, gpu: bool, fused_decode: bool, out_dtype: str, layout: str,
-                 decoder_options: dict, cpu_decode: bool = False):
+                 decoder_options: dict, cpu_share: float = 0.0, on_cpu=None):
         self.recipe, self.gpu, self.fused = recipe, gpu, fused_decode
         self.size, self.out_dtype, self.layout = recipe.size, getattr(types, out_dtype), layout
-        self.decoder = "mixed" if gpu and not cpu_decode else "cpu"
-        self.decoder_options = decoder_options if self.decoder == "mixed" else {}
+        self.cpu_share = float(cpu_share) if gpu else 1.0
+        self.on_cpu = on_cpu  # per sample: decode on the CPU threads (a split batch), else nvJPEG
+        self.decoder_options = decoder_options
         self.table, self.keys = None, ()
 
     def value(self, key: str):
         """This view's decision `key` for each sample: a float32 scalar on the CPU."""
         return self.table[self.keys.index(key)]
 
-    def to_device(self, images):
-        """Decoded images moved to where the graph augments them (the GPU, after a CPU decode)."""
-        return images.gpu() if self.gpu and self.decoder == "cpu" else images
+    def decode(self, decoder: str, jpegs, **kwargs):
+        """`fn.decoders.<decoder>` (image or image_slice) of `jpegs` as RGB, on the device the graph augments
+        on. On a GPU, `cpu_share` says where: 0 all on nvJPEG ("mixed"), 1 all on DALI's CPU threads
+        (then copied to the GPU), in between each sample where `on_cpu` routes it (a DALI conditional)."""
+        op = getattr(fn.decoders, decoder)
+        if self.cpu_share >= 1:
+            x = op(jpegs, device="cpu", output_type=types.RGB, **kwargs)
+            return x.gpu() if self.gpu else x
+        if self.cpu_share <= 0:
+            return op(jpegs, device="mixed", output_type=types.RGB, **kwargs, **self.decoder_options)
+        if self.on_cpu:
+            x = op(jpegs, device="cpu", output_type=types.RGB, **kwargs).gpu()
+        else:
+            x = op(jpegs, device="mixed", output_type=types.RGB, **kwargs, **self.decoder_options)
+        return x
 
     def dev(self, node):
         """A CPU per-sample value moved next to the images (GPU arithmetic takes GPU operands)."""
@@ -140,8 +154,7 @@ class _Graph:
                 x, ops = self.fused_crop(jpegs, ops[0]), ops[1:]
             else:
                 if decoded is None:
-                    decoded = self.to_device(fn.decoders.image(jpegs, device=self.decoder, output_type=types.RGB,
-                                                               **self.decoder_options))
+                    decoded = self.decode("image", jpegs)
                 x = decoded
             outs.append(self.view(x, ops))
         return outs
@@ -173,9 +186,8 @@ class _Graph:
     def fused_crop(self, jpegs, op: Op):
         """RandomResizedCrop decoding just the window (where the decoder can), then resizing it."""
         start, end = self.window()
-        x = fn.decoders.image_slice(jpegs, rel_start=start, rel_end=end, axis_names="HW", device=self.decoder,
-                                    output_type=types.RGB, **self.decoder_options)
-        return fn.resize(self.to_device(x), size=[op.params["size"]] * 2, antialias=True)
+        x = self.decode("image_slice", jpegs, rel_start=start, rel_end=end, axis_names="HW")
+        return fn.resize(x, size=[op.params["size"]] * 2, antialias=True)
 
     def random_resized_crop(self, x, op: Op):
         start, end = self.window()
@@ -320,19 +332,30 @@ _RA = {
 
 @pipeline_def(enable_conditionals=True)
 def recipe_pipeline(recipe: Recipe, *, gpu: bool, fused_decode: bool, out_dtype: str = "FLOAT", layout: str = "CHW",
-                    decoder_options: dict | None = None, cpu_decode: bool = False):
+                    decoder_options: dict | None = None, cpu_decode: float = 0.0):
     """The DALI graph of `recipe`. Fed each iteration (`Pipeline.feed_input`): "jpegs" (the encoded
     files, uint8 [bytes] per sample, not copied: keep them alive until the batch's outputs are taken),
-    "labels" (int64 per sample) and, per view i with decisions, "decisions{i}" (float32
-    [len(decisions.view_keys(view))] per sample). Outputs: one normalized image batch per view
-    (`layout` CHW or HWC, `out_dtype` FLOAT/FLOAT16), then the labels. `decoder_options` go to the
-    GPU ("mixed") decoders (hw_decoder_load, memory paddings, size hints). `cpu_decode` (GPU mode):
-    decode on the CPU threads, then augment on the GPU, which then spends no SM time on decoding."""
+    "labels" (int64 per sample), per view i with decisions, "decisions{i}" (float32
+    [len(decisions.view_keys(view))] per sample) and, where the decode is split, "on_cpu" (bool per
+    sample). Outputs: one normalized image batch per view (`layout` CHW or HWC, `out_dtype`
+    FLOAT/FLOAT16), then the labels. `decoder_options` go to the GPU ("mixed") decoders
+    (hw_decoder_load, memory paddings, size hints). `cpu_decode` (GPU mode): the share of JPEGs decoded
+    on the CPU threads, then augmented on the GPU (which spends no SM time on their decoding); 0 (or
+    False): all on nvJPEG; 1 (or True): all on the CPU; in between, the samples fed `on_cpu` True."""
     jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1, no_copy=True)
     labels = fn.external_source(name="labels", dtype=types.INT64, ndim=0)
+    split = gpu and 0 < cpu_decode < 1
+    on_cpu = fn.external_source(name="on_cpu", dtype=types.BOOL, ndim=0) if split else None
     graph = _Graph(recipe, gpu=gpu, fused_decode=fused_decode, out_dtype=out_dtype, layout=layout,
-                   decoder_options=decoder_options or {}, cpu_decode=cpu_decode)
+                   decoder_options=decoder_options or {}, cpu_share=cpu_decode, on_cpu=on_cpu)
     return (*graph.views(jpegs), labels.gpu() if gpu else labels)
+
+
+def cpu_mask(n: int, share: float) -> np.ndarray:
+    """Which of a batch's `n` samples a split decode sends to the CPU threads: round(share * n) of them,
+    spread evenly over the batch (bool [n])."""
+    i = np.arange(n)
+    return np.floor((i + 1) * share + 0.5) > np.floor(i * share + 0.5)
 
 
 # --------------------------------------------------------------------------------------- loader
@@ -407,7 +430,10 @@ class DaliLoader:
     all but one core, up to 16, by default) and only augment on the GPU, leaving its SMs to the step;
     None (default): for recipes of several views (pretraining, where the step, not the decode, is the
     bound: BYOL R50 on an H200 with 16 cores fed at 0.95 of its GPU-bound speed this way, 0.89 with
-    nvJPEG), not for one view (linear evaluation, bound by the decode, which nvJPEG does faster).
+    nvJPEG), not for one view (linear evaluation, bound by the decode, which nvJPEG does faster). A
+    float in (0, 1) splits each batch: that share of its JPEGs (`cpu_mask`) on the CPU threads, the
+    rest on nvJPEG, all of it on the hardware decoder unless hw_decoder_load says otherwise (its other
+    path decodes Huffman codes on the same CPU threads).
     """
 
     def __init__(
@@ -433,7 +459,7 @@ class DaliLoader:
         stream_priority: int | None = None,
         hw_decoder_load: float | None = None,
         sizes: np.ndarray | None = None,
-        cpu_decode: bool | None = None,
+        cpu_decode: bool | float | None = None,
     ):
         require_dali()
         if hasattr(files, "files"):  # an ImageFolderIndex
@@ -458,7 +484,10 @@ class DaliLoader:
         self.dtype, self.channels_last, self.return_params = dtype, channels_last, return_params
         gpu = self.device_id is not None
         self.fused_decode = len(recipe.views) == 1 and not gpu if fused_decode is None else fused_decode
-        self.cpu_decode = gpu and (len(recipe.views) > 1 if cpu_decode is None else cpu_decode)
+        share = float(len(recipe.views) > 1 if cpu_decode is None else cpu_decode)
+        if not 0 <= share <= 1:
+            raise ValueError(f"DaliLoader: cpu_decode={cpu_decode} is outside [0, 1]")
+        self.cpu_decode = share if gpu else 0.0  # the share of JPEGs decoded on the CPU threads, GPU mode
         self.num_threads, self.prefetch = num_threads or default_threads(gpu and not self.cpu_decode), prefetch
         self.stream_priority, self.hw_decoder_load = stream_priority, hw_decoder_load
         self.sizes = None if sizes is None else np.asarray(sizes)
@@ -474,7 +503,10 @@ class DaliLoader:
         self._order: dict[int, np.ndarray] = {}  # epoch -> this rank's sample indices (the last two epochs)
         self.reader_threads = reader_threads
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="dali-read")
-        self._preparer = ThreadPoolExecutor(1, thread_name_prefix="dali-prepare")
+        self._order_lock = threading.Lock()
+        # the batches kept read ahead are prepared at once: a single preparer drew 6,800 img/s on a 16-core
+        # host, half of what nvJPEG decodes there (docs/BENCHMARKS.md); reads release the GIL, parsing is short
+        self._preparer = ThreadPoolExecutor(prefetch + 1, thread_name_prefix="dali-prepare")
 
     def __len__(self) -> int:
         return self._len
@@ -499,6 +531,8 @@ class DaliLoader:
         options = {}
         if gpu and self.hw_decoder_load is not None:
             options["hw_decoder_load"] = self.hw_decoder_load
+        elif gpu and 0 < self.cpu_decode < 1:  # nvJPEG's share, all to the hardware decoder: the CPU has its own
+            options["hw_decoder_load"] = 1.0
         if gpu and self._size_hint is not None:  # the hardware decoder's buffers, sized for most images
             options.update(preallocate_height_hint=int(self._size_hint[0]),
                            preallocate_width_hint=int(self._size_hint[1]))
@@ -520,19 +554,22 @@ class DaliLoader:
     def _prepare(self, key: tuple[int, int]) -> _Batch:
         """Read batch `key`'s files and draw its decisions (in a background thread)."""
         epoch, b = key
-        if epoch not in self._order:
-            self._order = {e: o for e, o in self._order.items() if e >= epoch - 1}
-            self._order[epoch] = self._indices(epoch)
-        idx = self._order[epoch][b * self.batch_size : (b + 1) * self.batch_size]
+        with self._order_lock:  # several batches are prepared at once
+            order = self._order.get(epoch)
+            if order is None:
+                self._order = {e: o for e, o in self._order.items() if e >= epoch - 1}
+                order = self._order[epoch] = self._indices(epoch)
+        idx = order[b * self.batch_size : (b + 1) * self.batch_size]
         chunks = np.array_split(idx, min(len(idx), 4 * self.reader_threads))
-        jpegs = [data for part in self._readers.map(self._read, chunks) for data in part]
-        shapes = (np.array([decoded_shape(d, self.files[i]) for d, i in zip(jpegs, idx)])
+        files = [data for part in self._readers.map(self._read, chunks) for data in part]
+        shapes = (np.array([decoded_shape(d, self.files[i]) for d, i in zip(files, idx)])
                   if self._needs_shapes else np.ones((len(idx), 2), dtype=np.int64))
         decisions = draw_batch(self.recipe, batch_rng(self.seed, self.rank, epoch, b), shapes)
+        jpegs = [np.frombuffer(data, dtype=np.uint8) for data in files]  # views of the bytes: no copy
         return _Batch(epoch, b, jpegs, self.labels[idx], decisions)
 
-    def _read(self, idx: np.ndarray) -> list[np.ndarray]:
-        return [np.fromfile(self.files[i], dtype=np.uint8) for i in idx]
+    def _read(self, idx: np.ndarray) -> list[bytes]:
+        return [self.files[i].read_bytes() for i in idx]
 
     def _feed(self) -> None:
         """Feed the batch at `_next` (read ahead if it was) and keep the next ones being read."""
@@ -541,6 +578,8 @@ class DaliLoader:
         batch = future.result()
         self._pipe.feed_input("jpegs", batch.jpegs)
         self._pipe.feed_input("labels", batch.labels)
+        if self.device_id is not None and 0 < self.cpu_decode < 1:
+            self._pipe.feed_input("on_cpu", cpu_mask(len(batch.labels), self.cpu_decode))
         for i, (table, _) in enumerate(batch.decisions):
             if table.shape[1]:
                 self._pipe.feed_input(f"decisions{i}", table)

@@ -449,6 +449,21 @@ def test_one_pipeline_reads_every_epoch_and_resume_point_like_fresh_loaders(cifa
     same(list(partial), fresh(7))
 
 
+def test_batches_prepared_at_once_keep_their_order(cifar):
+    """Epochs of one batch with 5 fed ahead: six batches of six epochs are read and drawn at once, and each
+    still holds its epoch's shuffled files (labels are sample ids here), in order."""
+    from fastse.pipelines.sampler import epoch_indices
+
+    files = cifar[0][:40]
+    stream = loader(files, recipes.byol(32), batch_size=32, prefetch=5)
+    assert stream._preparer._max_workers == 6
+    for epoch in range(8):
+        stream.set_epoch(epoch)
+        ((_, ids),) = list(stream)
+        want = epoch_indices(40, epoch=epoch, seed=0, rank=0, world_size=1, batch_size=32, drop_last=True)
+        assert ids.tolist() == want.tolist()
+
+
 def test_yielded_tensors_are_owned(cifar):
     it = iter(loader(cifar[0][:256], recipes.byol(32)))
     views, labels = next(it)
@@ -483,9 +498,21 @@ def test_refusals(cifar, tmp_path):
         DaliLoader(files[:10], labels[:9], recipes.linear(32), batch_size=4, device="cpu")
     with pytest.raises(ValueError, match="neither cpu nor cuda"):
         DaliLoader(files[:10], labels[:10], recipes.linear(32), batch_size=4, device="meta")
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"cpu_decode=.* is outside \[0, 1\]"):
+            DaliLoader(files[:10], labels[:10], recipes.byol(32), batch_size=4, device="cpu", cpu_decode=share)
     Image.new("RGB", (40, 36)).save(tmp_path / "big.jpg")  # no crop/resize op at 32 px: sizes must match
     with pytest.raises(ValueError, match="32x32 px"):
         next(iter(DaliLoader([tmp_path / "big.jpg"] * 4, [0] * 4, recipes.evaluation(32), batch_size=4, device="cpu")))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 256, 255])
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.25, 0.5, 0.7, 1.0])
+def test_cpu_mask_takes_the_share_spread_over_the_batch(n, share):
+    mask = dali_backend.cpu_mask(n, share)
+    assert mask.dtype == bool and mask.shape == (n,) and mask.sum() == np.floor(n * share + 0.5)
+    ones = np.cumsum(mask)  # every prefix holds its share, to within one sample
+    assert np.abs(ones - np.arange(1, n + 1) * share).max() <= 1
 
 
 def test_missing_dali_says_how_to_install(monkeypatch):
@@ -563,6 +590,27 @@ def test_gpu_cpu_decode_is_the_cpu_decode_augmented_on_the_gpu(large_jpegs, fuse
     (cpu,), cpu_ids = next(iter(loader(large_jpegs, recipe, batch_size=8, fused_decode=fused)))
     assert torch.equal(cpu_ids, ids.cpu())
     assert (view.float().cpu() - cpu).abs().mean((1, 2, 3)).max() < 0.05
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_split_decode_routes_each_sample(large_jpegs, fused):
+    """cpu_decode=0.5: the samples `cpu_mask` picks are exactly the all-CPU decode's images, the others
+    nvJPEG's (the hardware decoder: hw_decoder_load 1.0 unless set), image by image."""
+    recipe = recipes.get_recipe("eval" if not fused else "linear", 224)
+    runs = {share: next(iter(loader(large_jpegs, recipe, batch_size=8, device="cuda", cpu_decode=share,
+                                    fused_decode=fused, hw_decoder_load=None if share == 0.5 else 1.0)))
+            for share in (0.0, 0.5, 1.0)}
+    split = loader(large_jpegs, recipe, batch_size=8, device="cuda", cpu_decode=0.5)
+    assert split.num_threads == dali_backend.default_threads(gpu=False)
+    mask = torch.from_numpy(dali_backend.cpu_mask(8, 0.5))
+    assert mask.sum() == 4
+    (view,), ids = runs[0.5]
+    assert torch.equal(ids, runs[1.0][1]) and torch.equal(ids, runs[0.0][1])
+    assert torch.equal(view[mask], runs[1.0][0][0][mask])
+    assert torch.equal(view[~mask], runs[0.0][0][0][~mask])
+    assert not torch.equal(runs[0.0][0][0], runs[1.0][0][0])  # the two decoders differ, so the routing is seen
 
 
 @gpu
