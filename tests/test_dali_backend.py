@@ -4,6 +4,7 @@ semantics, sharding, reproducibility, owned tensors, bad inputs, and agreement w
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -533,6 +534,20 @@ def test_benchmark_runs_on_cpu(cifar10_dir, tmp_path):
         (b, r) for b in ("tensor32", "dali32-shared", "dali224-shared") for r in ("linear", "fixmatch_strong")
     } | {("dali32-fused", "linear"), ("dali224-fused", "linear")}
     assert all(r["img_s"] > 0 for r in rows)
+
+
+def test_loader_parts_benchmark_runs_on_cpu(large_jpegs, tmp_path):
+    """benchmarks/loader_parts.py end to end on a tiny class-folder tree of photo-sized JPEGs."""
+    for i, f in enumerate(large_jpegs):
+        (tmp_path / "tree" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, tmp_path / "tree" / f"c{i % 2}" / f.name)
+    cmd = [sys.executable, str(REPO / "benchmarks/loader_parts.py"), "--data", str(tmp_path / "tree"),
+           "--device", "cpu", "--batch-size", "4", "--batches", "2", "--recipe", "linear"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0].lstrip("| ") for r in rows][:5] == ["read x1", "prepare x1", "prepare x3", "DALI, share 1",
+                                                     "loader, share 1"]
+    assert all(float(r[1].replace(",", "")) > 0 for r in rows)
 
 
 # -------------------------------------------------------------------------------------- GPU
