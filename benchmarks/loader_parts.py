@@ -23,7 +23,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from importlib.util import find_spec
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,7 +91,8 @@ def main() -> None:
     require_dali()
     root = resolve_data(args.data)
     index = scan_image_folder(root, split="train" if (root / "train").is_dir() else None)
-    recipe, bs, n, cuda = recipes.get_recipe(args.recipe, args.size), args.batch_size, args.batches, args.device != "cpu"
+    recipe, bs, n = recipes.get_recipe(args.recipe, args.size), args.batch_size, args.batches
+    cuda = args.device != "cpu"
     if len(index) < bs:
         sys.exit(f"{root}: {len(index)} images, fewer than one batch of {bs}")
 
