@@ -74,17 +74,15 @@ def main() -> None:
         loader.hw_decoder_load = args.hw_decoder_load
     if args.decode:
         loader.fused_decode = args.decode == "fused"
-    if args.decoder != "auto" and cuda:
+    share = args.cpu_share  # the share of JPEGs decoded on the CPU threads; None: the loader's choice
+    if share is None and args.decoder != "auto":
+        share = float(args.decoder == "cpu")
+    if share is not None and not 0 <= share <= 1:
+        ap.error(f"--cpu-share {share} is outside [0, 1]")
+    if share is not None and cuda:
         from fastse.pipelines.dali_backend import default_threads
 
-        loader.cpu_decode = float(args.decoder == "cpu")
-        loader.num_threads = default_threads(gpu=not loader.cpu_decode)
-    if args.cpu_share is not None and cuda:
-        from fastse.pipelines.dali_backend import default_threads
-
-        if not 0 <= args.cpu_share <= 1:
-            ap.error(f"--cpu-share {args.cpu_share} is outside [0, 1]")
-        loader.cpu_decode = args.cpu_share
+        loader.cpu_decode = share
         loader.num_threads = default_threads(gpu=not loader.cpu_decode)
     if args.threads:
         loader.num_threads = args.threads

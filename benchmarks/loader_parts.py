@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from importlib.util import find_spec
@@ -30,36 +29,24 @@ import torch
 if find_spec("fastse") is None or find_spec("fastse.pipelines") is None:  # the checkout's fastse/ alone: no pipelines/
     sys.exit("fastse is not installed: pip install -e . first (in the checkout; make setup does it)")
 from fastse.pipelines import recipes  # noqa: E402
-from fastse.pipelines.dali_backend import DaliLoader, cpu_mask, default_threads, require_dali  # noqa: E402
+from fastse.pipelines.dali_backend import DaliLoader, default_threads, require_dali  # noqa: E402
 from fastse.pipelines.datasets import resolve_data, scan_image_folder  # noqa: E402
+from steptime import timed  # noqa: E402  (benchmarks/steptime.py)
 
 
 def rate(n_images: int, run, cuda: bool) -> float:
-    """img/s of `run()`, which handles `n_images` images, between CUDA synchronisations."""
-    if cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    run()
-    if cuda:
-        torch.cuda.synchronize()
-    return n_images / (time.perf_counter() - started)
+    """img/s of one call of `run()`, which handles `n_images` images (timed between CUDA synchronisations)."""
+    return n_images / timed(run, 1, cuda)
 
 
 def dali_alone(loader: DaliLoader, batches: list, n: int) -> float:
     """The loader's pipeline fed `batches` (already prepared) round after round: DALI's own rate."""
     pipe = loader.pipeline()
     pipe.build()
-    split, cuda = 0 < loader.cpu_decode < 1, loader.device_id is not None
+    cuda = loader.device_id is not None
 
     def feed(i: int) -> None:
-        b = batches[i % len(batches)]
-        pipe.feed_input("jpegs", b.jpegs)
-        pipe.feed_input("labels", b.labels)
-        for j, (table, _) in enumerate(b.decisions):
-            if table.shape[1]:
-                pipe.feed_input(f"decisions{j}", table)
-        if split and cuda:
-            pipe.feed_input("on_cpu", cpu_mask(len(b.labels), loader.cpu_decode))
+        loader._feed_batch(pipe, batches[i % len(batches)])
 
     for i in range(loader.prefetch):
         feed(i)

@@ -93,8 +93,8 @@ def variant_loader(loader, options: dict):
         num_threads=options.get("threads"), fused_decode=None if decode is None else decode == "fused",
         stream_priority=options.get("dali_priority", loader.stream_priority),
         hw_decoder_load=options.get("hw", loader.hw_decoder_load), sizes=loader.sizes,
-        cpu_decode=options["cpu"] if "cpu" in options else
-        float(options["decoder"] == "cpu") if "decoder" in options else loader.cpu_decode)
+        cpu_decode=options.get("cpu", float(options["decoder"] == "cpu") if "decoder" in options
+                               else loader.cpu_decode))
 
 
 class Batches:

@@ -576,19 +576,24 @@ class DaliLoader:
         key = self._next
         future = self._ahead.pop(key, None) or self._preparer.submit(self._prepare, key)
         batch = future.result()
-        self._pipe.feed_input("jpegs", batch.jpegs)
-        self._pipe.feed_input("labels", batch.labels)
-        if self.device_id is not None and 0 < self.cpu_decode < 1:
-            self._pipe.feed_input("on_cpu", cpu_mask(len(batch.labels), self.cpu_decode))
-        for i, (table, _) in enumerate(batch.decisions):
-            if table.shape[1]:
-                self._pipe.feed_input(f"decisions{i}", table)
+        self._feed_batch(self._pipe, batch)
         self._fed.append(batch)
         self._next = ahead = self._after(key)
         for _ in range(self.prefetch + 1):  # keep a few batches read ahead of the feed
             if ahead not in self._ahead:
                 self._ahead[ahead] = self._preparer.submit(self._prepare, ahead)
             ahead = self._after(ahead)
+
+    def _feed_batch(self, pipe, batch: _Batch) -> None:
+        """Feed `batch` to `pipe` (this loader's graph): its files, labels, decisions and, where the decode is
+        split, which samples go to the CPU threads."""
+        pipe.feed_input("jpegs", batch.jpegs)
+        pipe.feed_input("labels", batch.labels)
+        if self.device_id is not None and 0 < self.cpu_decode < 1:
+            pipe.feed_input("on_cpu", cpu_mask(len(batch.labels), self.cpu_decode))
+        for i, (table, _) in enumerate(batch.decisions):
+            if table.shape[1]:
+                pipe.feed_input(f"decisions{i}", table)
 
     def _seek(self, key: tuple[int, int]) -> None:
         """Make `key` the next batch the pipeline outputs: nothing to do when the stream is there; else
